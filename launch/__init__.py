@@ -1,0 +1,1 @@
+"""hibari launch: the `hibari` CLI, config loading, local and SLURM launchers."""

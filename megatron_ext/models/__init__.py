@@ -1,0 +1,1 @@
+"""Plain-PyTorch decoder models (Llama 2/3, Mistral). No parallelism inside."""

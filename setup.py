@@ -1,0 +1,43 @@
+from setuptools import find_packages, setup
+
+# torch is pinned: on the project's machines pip takes a local CPU wheel of exactly this version; any other version
+# pulls several GB of CUDA builds. `make` installs it first so this requirement is already satisfied.
+TORCH = "torch==2.13.0"
+
+setup(
+    name="hibari",
+    version="0.1.0",
+    description="Distributed continual pretraining of Llama/Mistral models on Japanese web data",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_ext*", "data_pipeline*", "parallel*", "checkpoints*", "launch*"]),
+    include_package_data=True,
+    package_data={"": ["*.yaml", "*.txt", "*.json", "*.warc.gz", "*.zst", "*.model"]},
+    install_requires=[
+        TORCH,
+        "numpy>=1.26",
+        "pydantic>=2.6",
+        "pyyaml>=6",
+        "rich>=13",
+        "tqdm>=4.66",
+        "safetensors>=0.4",
+        "transformers>=4.45",
+        "tokenizers>=0.20",
+        "sentencepiece>=0.2",
+        "protobuf>=4",
+        "matplotlib>=3.8",
+        "zstandard>=0.22",
+        "xxhash>=3",
+        "fastwarc>=0.14",
+        "resiliparse>=0.14",
+        "trafilatura>=1.12",
+        "py3langid>=0.3",
+        "pyahocorasick>=2.0",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "bench": ["datatrove", "hojichar", "datasketch"],
+        "gpu": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["hibari=launch.cli:main"]},
+)
