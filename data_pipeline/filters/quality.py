@@ -12,8 +12,9 @@ Where the reference crashes (empty text, no sentence, text shorter than n for a 
 for the undefined feature and `quality_decision` drops the document with an explicit reason.
 
 Speed: the character n-gram statistics for n = 2..10 come from ONE sort of the text's positions by their
-10-character prefix plus the longest-common-prefix of neighbours (capped at 10): two positions share an n-gram iff
-their capped LCP is >= n, and equal n-grams are contiguous in that order.
+10-character prefix plus the common prefix of sorted neighbours (capped at 10): equal n-grams are contiguous in
+that order, and neighbours belong to the same n-gram iff their first n characters agree. Positions whose suffix is
+shorter than n never join (their padded windows differ), so no n-gram crosses the end of the text.
 """
 
 from __future__ import annotations
@@ -97,28 +98,21 @@ def _code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
-def _sorted_prefix_order(cp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of `cp` sorted by their (up to) 10-character prefix, and the padded dense-rank array.
+def _prefix_windows(cp: np.ndarray) -> np.ndarray:
+    """(len(cp), 10) matrix: row i = the 10 characters from position i, as ranks padded with 0 past the end.
 
-    Ranks start at 1; 0 pads past the end, so a shorter suffix sorts before the longer ones it prefixes."""
-    uniq, inverse = np.unique(cp, return_inverse=True)
-    ranks = np.zeros(len(cp) + _MAX_N, dtype=np.int64)
-    ranks[: len(cp)] = inverse + 1
-    bits = int(len(uniq) + 1).bit_length()
-    per_word = max(1, 63 // bits)
+    Rows are sorted lexicographically by the caller, so a shorter suffix sorts before the longer ones it prefixes.
+    Common case (all code points < U+FFFF): a zero-copy strided view of uint16 values cp+1."""
     n = len(cp)
-    words = []
-    for start in range(0, _MAX_N, per_word):
-        word = np.zeros(n, dtype=np.int64)
-        for k in range(start, min(start + per_word, _MAX_N)):
-            word <<= bits
-            word |= ranks[k: k + n]
-        words.append(word)
-    if len(words) == 1:
-        order = np.argsort(words[0], kind="stable")
+    if n and int(cp.max()) < 0xFFFF:
+        pad = np.zeros(n + _MAX_N, dtype=">u2")  # big-endian, so the rows' bytes compare like their values
+        pad[:n] = cp + 1
     else:
-        order = np.lexsort(words[::-1])
-    return order, ranks
+        _, inverse = np.unique(cp, return_inverse=True)
+        pad = np.zeros(n + _MAX_N, dtype=">u4")
+        pad[:n] = inverse + 1
+    step = pad.itemsize
+    return np.lib.stride_tricks.as_strided(pad, shape=(n, _MAX_N), strides=(step, step), writeable=False)
 
 
 def ngram_statistics(text: str) -> dict[str, float]:
@@ -131,24 +125,27 @@ def ngram_statistics(text: str) -> dict[str, float]:
         for n in NGRAM_DUP_RANGE:
             out[f"duplicate_{n}gram_character_fraction"] = 0.0
         return out
-    cp = _code_points(text)
-    order, ranks = _sorted_prefix_order(cp)
-    # capped LCP of sorted neighbours: first column where the 10-character windows differ
-    window = ranks[order[:, None] + np.arange(_MAX_N)]
-    same = window[1:] == window[:-1]
-    lcp = np.where(same.all(axis=1), _MAX_N, np.argmin(same, axis=1))
+    windows = _prefix_windows(_code_points(text))
+    # sort the rows as byte strings: lexicographic order of the 10-character prefixes
+    keys = np.ascontiguousarray(windows).view(f"S{windows.itemsize * _MAX_N}").ravel()
+    order = np.argsort(keys)
+    sorted_windows = windows[order]
+    # joined[j, n-1]: sorted neighbours j, j+1 share their first n characters (capped LCP >= n)
+    joined = np.logical_and.accumulate(sorted_windows[1:] == sorted_windows[:-1], axis=1)
+    num_joined = np.count_nonzero(joined, axis=0)
+    # groups of equal n-grams with more than one member = runs of joined neighbours
+    num_runs = joined[0].astype(np.int64) + np.count_nonzero(joined[1:] & ~joined[:-1], axis=0)
     for n in NGRAM_TOP_RANGE:
         total = n_chars - n + 1
         if total <= 0:
             out[f"top_{n}gram_character_fraction"] = 0.0
             continue
-        joined = lcp >= n
-        if not joined.any():
+        column = joined[:, n - 1]
+        if not num_joined[n - 1]:
             top = 1
         else:
-            # longest run of consecutive joined neighbours + 1 = largest group of equal n-grams
-            breaks = np.flatnonzero(~joined)
-            edges = np.concatenate(([-1], breaks, [len(joined)]))
+            # longest run of joined neighbours + 1 = size of the largest group of equal n-grams
+            edges = np.concatenate(([-1], np.flatnonzero(~column), [len(column)]))
             top = int(np.diff(edges).max())
         out[f"top_{n}gram_character_fraction"] = top / total
     for n in NGRAM_DUP_RANGE:
@@ -156,12 +153,7 @@ def ngram_statistics(text: str) -> dict[str, float]:
         if total <= 0:
             out[f"duplicate_{n}gram_character_fraction"] = 0.0
             continue
-        joined = lcp >= n
-        num_joined = int(np.count_nonzero(joined))
-        distinct = total - num_joined
-        # groups with >1 member = runs of joined neighbours
-        runs = int(joined[0]) + int(np.count_nonzero(joined[1:] & ~joined[:-1])) if len(joined) else 0
-        out[f"duplicate_{n}gram_character_fraction"] = runs / distinct
+        out[f"duplicate_{n}gram_character_fraction"] = int(num_runs[n - 1]) / (total - int(num_joined[n - 1]))
     return out
 
 

@@ -1,0 +1,97 @@
+"""Write Megatron MMIDIDX datasets: one builder per output, and an ordered merge of per-shard parts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from launch.errors import HibariError
+from megatron_ext.data.indexed_dataset import IndexedDataset, data_file_path, index_file_path, write_index
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+class IndexedDatasetBuilder:
+    """Append documents (one sequence each), then `finalize()`; files appear atomically (.bin first, then .idx).
+
+    Used as a context manager, an exception removes the partial files, so a crash leaves no half dataset.
+    """
+
+    def __init__(self, prefix: str | Path, dtype: type):
+        self.prefix = str(prefix)
+        self.dtype = np.dtype(dtype).type
+        self.bin_path, self.idx_path = data_file_path(prefix), index_file_path(prefix)
+        self._bin_tmp = _tmp(self.bin_path)
+        self._f = open(self._bin_tmp, "wb")
+        self.lengths: list[int] = []
+        self.num_tokens = 0
+        self._max = np.iinfo(self.dtype).max
+
+    def add_document(self, tokens) -> None:
+        arr = np.asarray(tokens)
+        if arr.size and (int(arr.max()) > self._max or int(arr.min()) < 0):
+            raise ValueError(f"token id out of range for {np.dtype(self.dtype).name}")
+        self._f.write(arr.astype(self.dtype, copy=False).tobytes())
+        self.lengths.append(int(arr.size))
+        self.num_tokens += int(arr.size)
+
+    def finalize(self) -> None:
+        self._f.close()
+        idx_tmp = _tmp(self.idx_path)
+        write_index(idx_tmp, self.dtype, np.asarray(self.lengths, dtype=np.int32),
+                    np.arange(len(self.lengths) + 1, dtype=np.int64))
+        os.replace(self._bin_tmp, self.bin_path)
+        os.replace(idx_tmp, self.idx_path)
+
+    def abort(self) -> None:
+        self._f.close()
+        self._bin_tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+        return False
+
+
+def merge_datasets(part_prefixes: list[str | Path], out_prefix: str | Path) -> tuple[int, int]:
+    """Concatenate datasets in the given order into `out_prefix` (same dtype required). Returns (sequences, tokens)."""
+    parts = [IndexedDataset(p) for p in part_prefixes]
+    if not parts:
+        raise HibariError("merge: no input datasets")
+    dtype = parts[0].dtype
+    for p in parts:
+        if p.dtype != dtype:
+            raise HibariError(f"{p.idx_path}: dtype {np.dtype(p.dtype).name} differs from "
+                              f"{np.dtype(dtype).name} of {parts[0].idx_path}")
+    lengths = np.concatenate([p.sequence_lengths for p in parts]) if parts else np.zeros(0, np.int32)
+    doc_starts = [np.zeros(1, dtype=np.int64)]
+    offset = 0
+    for p in parts:
+        doc_starts.append(np.asarray(p.document_indices[1:], dtype=np.int64) + offset)
+        offset += len(p)
+    doc_idx = np.concatenate(doc_starts)
+    bin_path, idx_path = data_file_path(out_prefix), index_file_path(out_prefix)
+    bin_tmp, idx_tmp = _tmp(bin_path), _tmp(idx_path)
+    try:
+        with open(bin_tmp, "wb") as out:
+            for p in parts:
+                with open(p.bin_path, "rb") as f:
+                    shutil.copyfileobj(f, out, length=16 << 20)
+        write_index(idx_tmp, dtype, lengths, doc_idx)
+        os.replace(bin_tmp, bin_path)
+        os.replace(idx_tmp, idx_path)
+    except BaseException:
+        bin_tmp.unlink(missing_ok=True)
+        idx_tmp.unlink(missing_ok=True)
+        raise
+    return len(lengths), int(lengths.sum(dtype=np.int64))
