@@ -14,8 +14,8 @@ import torch
 
 from checkpoints.hf_mapping import (expected_shapes, hf_config_from_model_args, hf_to_hibari_name, hibari_to_hf_name,
                                     model_args_from_hf_config)
-from checkpoints.hibari_ckpt import (iter_model_tensors, prepare_output_dir, read_model_json, save_model_state,
-                                     tensor_metadata, write_model_json)
+from checkpoints.hibari_ckpt import (iter_model_tensors, prepare_output_dir, read_model_json,
+                                     save_model_state_streaming, tensor_metadata, write_model_json)
 from checkpoints.safetensors_io import open_hf_weights, parse_size, save_sharded
 from launch.errors import HibariError
 
@@ -46,7 +46,8 @@ def hf_to_hibari(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
     args = model_args_from_hf_config(cfg, source=str(hf_dir / "config.json"))
     files = open_hf_weights(hf_dir)
     expected = expected_shapes(args)
-    state: dict[str, torch.Tensor] = {}
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    sources: dict[str, tuple[str, object]] = {}
     for hf_name, f in files.items():
         name = hf_to_hibari_name(hf_name)
         if name is None:
@@ -59,17 +60,24 @@ def hf_to_hibari(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
         if tuple(shape) != expected[name]:
             raise HibariError(f"{f.path}: tensor {hf_name!r} has shape {list(shape)}, expected "
                               f"{list(expected[name])} from config.json")
-        state[name] = f.get(hf_name)
-    missing = [n for n in expected if n not in state]
+        specs[name] = (tuple(shape), f.dtype(hf_name))
+        sources[name] = (hf_name, f)
+    missing = [n for n in expected if n not in specs]
     if missing:
         raise HibariError(f"{hf_dir}: checkpoint is missing {len(missing)} tensor(s), e.g. "
                           f"{hibari_to_hf_name(missing[0])!r}")
     out = prepare_output_dir(out_dir, overwrite)
-    save_model_state(state, out)
+
+    def load(name: str) -> torch.Tensor:
+        hf_name, f = sources[name]
+        return f.get(hf_name)
+
+    save_model_state_streaming(specs, load, out)
     # written last: a directory without it is recognisably incomplete
     write_model_json(out, args, hf_config=cfg, source=str(hf_dir))
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    return {"tensors": len(state), "bytes": nbytes, "params": sum(t.numel() for t in state.values())}
+    numels = {n: torch.Size(shape).numel() for n, (shape, _) in specs.items()}
+    nbytes = sum(numels[n] * torch.empty((), dtype=dt).element_size() for n, (_, dt) in specs.items())
+    return {"tensors": len(specs), "bytes": nbytes, "params": sum(numels.values())}
 
 
 def _hf_order(names: list[str]) -> list[str]:
@@ -101,7 +109,7 @@ def hibari_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tokenizer: str | Pat
                               f"{list(expected[n])} from {ckpt_dir}/hibari_model.json")
     target = DTYPES[dtype] if dtype else None
     stored = {tmeta[n].properties.dtype for n in names}
-    out_dtype = target or (stored.pop() if len(stored) == 1 else torch.float32)
+    out_dtype = target or (stored.pop() if len(stored) == 1 else torch.float32)  # for config.json
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise HibariError(f"--tokenizer {tokenizer}: not a directory")
     out = prepare_output_dir(out_dir, overwrite)
@@ -110,9 +118,9 @@ def hibari_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tokenizer: str | Pat
         for name, t in iter_model_tensors(ckpt_dir, names):
             yield hibari_to_hf_name(name), (t.to(target) if target is not None else t)
 
-    elem = torch.empty((), dtype=out_dtype).element_size()
-    total = sum(tmeta[n].size.numel() for n in names) * elem
-    files = save_sharded(tensors(), out, total_bytes=total, max_shard_bytes=parse_size(max_shard_size))
+    specs = [(hibari_to_hf_name(n), tuple(tmeta[n].size), target or tmeta[n].properties.dtype) for n in names]
+    total = sum(torch.Size(sh).numel() * torch.empty((), dtype=dt).element_size() for _, sh, dt in specs)
+    files = save_sharded(specs, tensors(), out, max_shard_bytes=parse_size(max_shard_size))
     dtype_name = str(out_dtype).replace("torch.", "")
     cfg = hf_config_from_model_args(args, base=meta.get("hf_config"), dtype=dtype_name)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -15,11 +15,11 @@ import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from launch.errors import HibariError
@@ -80,6 +80,33 @@ def save_model_state(state: dict[str, torch.Tensor], out_dir: str | Path) -> Non
     """DCP-save a hibari-named model state dict (one process)."""
     _silence_no_pg_warning()
     dcp.save({"model": state}, checkpoint_id=str(out_dir), no_dist=True)
+
+
+class _LazySavePlanner(DefaultSavePlanner):
+    """Plans from meta tensors and reads each tensor only when DCP writes it (streaming conversion)."""
+
+    def __init__(self, loader: Callable[[str], torch.Tensor]):
+        super().__init__()
+        self._loader = loader
+        self._previous: torch.Tensor | None = None
+
+    def lookup_object(self, index):
+        # DCP's file writer keeps a reference to every tensor it wrote to a file (for its safetensors variant),
+        # which would hold the whole model in memory. It asks for tensors one at a time and never reads a written
+        # one again, so the previous tensor's storage is released here.
+        if self._previous is not None:
+            self._previous.untyped_storage().resize_(0)
+        self._previous = self._loader(index.fqn[len(MODEL_PREFIX):])
+        return self._previous
+
+
+def save_model_state_streaming(specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                               loader: Callable[[str], torch.Tensor], out_dir: str | Path) -> None:
+    """DCP-save tensors given as {name: (shape, dtype)}, calling `loader(name)` for each one as it is written,
+    so that only one tensor is in memory at a time."""
+    _silence_no_pg_warning()
+    state = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in specs.items()}
+    dcp.save({"model": state}, checkpoint_id=str(out_dir), planner=_LazySavePlanner(loader), no_dist=True)
 
 
 def iter_model_tensors(ckpt_dir: str | Path, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,20 +1,18 @@
-"""Streaming safetensors I/O: read tensors lazily from a memory map, write sharded files with an index.
+"""Streaming safetensors I/O: read tensors one at a time, write sharded files with an index.
 
-Reading maps the file (copy-on-write, so the source is never modified) and builds each tensor as a view of its own
-bytes, so converting a model touches one tensor at a time and peak memory stays near the largest tensor.
+Reading parses only the header up front; each tensor's bytes are read on demand into a buffer of its own, so a
+conversion that drops each tensor after writing it keeps peak memory near the largest tensor, not the model.
 The header is validated against the file size: a truncated or corrupt file is a one-line error, not a crash.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from launch.errors import HibariError
 
 _DTYPES = {
@@ -25,7 +23,7 @@ _DTYPES = {
 
 
 class LazySafetensors:
-    """Tensors of one .safetensors file, materialised on access as views of a private memory map."""
+    """Tensors of one .safetensors file, read from disk on access."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -64,7 +62,6 @@ class LazySafetensors:
                 raise HibariError(f"{self.path}: corrupt safetensors header: tensor {name!r} byte range does not "
                                   f"match shape {list(shape)}")
             self._entries[name] = (dtype, shape, begin, end)
-        self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -79,12 +76,16 @@ class LazySafetensors:
         dtype, shape, begin, end = self._entries[name]
         if end == begin:
             return torch.empty(shape, dtype=dtype)
-        flat = torch.frombuffer(self._mmap, dtype=dtype, count=(end - begin) // torch.empty((), dtype=dtype)
-                                .element_size(), offset=self._data_start + begin)
-        return flat.view(shape)
+        raw = os.pread(self._file.fileno(), end - begin, self._data_start + begin)
+        if len(raw) != end - begin:
+            raise HibariError(f"{self.path}: truncated while reading tensor {name!r}")
+        # copied into torch-owned (resizable) memory, so a consumer may free it early
+        # (see hibari_ckpt._LazySavePlanner); tensors sharing a Python buffer cannot be freed that way
+        t = torch.empty(shape, dtype=dtype)
+        t.reshape(-1).view(torch.uint8).copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        return t
 
     def close(self) -> None:
-        # views created by get() keep the map alive through their storage; closing the file is enough here
         self._file.close()
 
 
@@ -126,47 +127,61 @@ def parse_size(text: str | int) -> int:
     return int(t)
 
 
-def save_sharded(tensors_iter, out_dir: str | Path, total_bytes: int, max_shard_bytes: int,
-                 metadata: dict | None = None) -> list[Path]:
-    """Write (name, tensor) pairs to `model.safetensors`, or to numbered shards plus an index above the limit.
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
-    Tensors are buffered only up to one shard, so memory stays bounded by `max_shard_bytes`.
-    """
+
+def _nbytes(shape, dtype) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
+def write_safetensors_streaming(path: str | Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                                tensors, metadata: dict | None = None) -> None:
+    """Write a .safetensors file whose header is known up front ({name, shape, dtype} in order), consuming
+    `tensors` (an iterator of (name, tensor) in the same order) one at a time: memory stays at one tensor."""
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for name, shape, dtype in specs:
+        n = _nbytes(shape, dtype)
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for (name, shape, dtype), (got_name, t) in zip(specs, tensors, strict=True):
+            if got_name != name or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"tensor stream out of order: expected {name}, got {got_name}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    tmp.replace(path)
+
+
+def save_sharded(specs: list[tuple[str, tuple[int, ...], torch.dtype]], tensors, out_dir: str | Path,
+                 max_shard_bytes: int, metadata: dict | None = None) -> list[Path]:
+    """Write tensors as `model.safetensors`, or as numbered shards plus `model.safetensors.index.json` when the
+    total exceeds `max_shard_bytes` (transformers' layout). `tensors` yields (name, tensor) in `specs` order and
+    is consumed one tensor at a time."""
     out_dir = Path(out_dir)
-    metadata = {"format": "pt", **(metadata or {})}
-    if total_bytes <= max_shard_bytes:
-        tensors = {name: t.contiguous() for name, t in tensors_iter}
-        path = out_dir / "model.safetensors"
-        save_file(tensors, str(path), metadata=metadata)
-        return [path]
-    written: list[Path] = []
-    weight_map: dict[str, int] = {}
-    current = 0
-    tmp_names = []
-
-    def flush(shard, i):
-        name = f"model-{i:05d}.tmp.safetensors"
-        save_file(shard, str(out_dir / name), metadata=metadata)
-        tmp_names.append(name)
-
-    shard: dict[str, torch.Tensor] = {}
-    for name, t in tensors_iter:
-        nbytes = t.numel() * t.element_size()
-        if shard and current + nbytes > max_shard_bytes:
-            flush(shard, len(tmp_names) + 1)
-            shard, current = {}, 0
-        shard[name] = t.contiguous()
-        weight_map[name] = len(tmp_names) + 1
-        current += nbytes
-    if shard:
-        flush(shard, len(tmp_names) + 1)
-    n = len(tmp_names)
-    final = {}
-    for i, tmp in enumerate(tmp_names, 1):
-        dst = f"model-{i:05d}-of-{n:05d}.safetensors"
-        (out_dir / tmp).rename(out_dir / dst)
-        final[i] = dst
-        written.append(out_dir / dst)
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-    return written
+    groups: list[list] = [[]]
+    size = 0
+    for spec in specs:
+        n = _nbytes(spec[1], spec[2])
+        if groups[-1] and size + n > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += n
+    if len(groups) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    stream = iter(tensors)
+    for fname, group in zip(names, groups):
+        write_safetensors_streaming(out_dir / fname, group, (next(stream) for _ in group), metadata)
+    if len(groups) > 1:
+        total = sum(_nbytes(sh, dt) for _, sh, dt in specs)
+        weight_map = {name: fname for fname, group in zip(names, groups) for name, _, _ in group}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    return [out_dir / n for n in names]
