@@ -35,7 +35,7 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "megatron-core==0.16.1"],
         "bench": ["datatrove", "hojichar", "datasketch"],
         "gpu": ["flash-attn"],
     },

@@ -129,15 +129,12 @@ def expand_hf(hf_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path
     out = prepare_output_dir(out_dir, overwrite)
     tied = HF_HEAD not in weights
     names = list(weights)
-    total = 0
+    specs = []
     for n in names:
-        f = weights[n]
-        numel = 1
-        for s in f.shape(n):
-            numel *= s
+        shape = tuple(weights[n].shape(n))
         if n in (HF_EMBED, HF_HEAD):
-            numel = numel // f.shape(n)[0] * padded
-        total += numel * _elem_size(f.dtype(n))
+            shape = (padded,) + shape[1:]
+        specs.append((n, shape, weights[n].dtype(n)))
 
     def tensors():
         for n in names:
@@ -146,7 +143,7 @@ def expand_hf(hf_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path
                 t = expand_matrix(t, base_size, padded, sources)
             yield n, t
 
-    save_sharded(tensors(), out, total, parse_size(max_shard_size))
+    save_sharded(specs, tensors(), out, max_shard_bytes=parse_size(max_shard_size))
     cfg["vocab_size"] = padded
     (out / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     if (hf_dir / "generation_config.json").is_file():
@@ -154,12 +151,6 @@ def expand_hf(hf_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path
     copied = _copy_tokenizer(Path(tokenizer_dir), out)
     return {"base_vocab_size": base_size, "tokenizer_vocab_size": new_size, "padded_vocab_size": padded,
             "old_rows": rows, "new_rows": len(sources), "tied": tied, "tokenizer_files": copied}
-
-
-def _elem_size(dtype) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _copy_tokenizer(tokenizer_dir: Path, out: Path) -> list[str]:

@@ -9,6 +9,7 @@ Only numpy/pydantic are imported here (no torch), so configs and CLIs can import
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Literal
@@ -23,7 +24,7 @@ from megatron_ext.data.gpt_dataset import GPTSampleDataset, default_cache_dir
 from megatron_ext.data.indexed_dataset import IndexedDataset
 
 __all__ = ["IndexedDataConfig", "IndexedDataset", "GPTSampleDataset", "BlendedDataset", "build_indexed_datasets",
-           "check_vocab_fits", "split_document_ranges"]
+           "check_vocab_fits", "recorded_vocab_size", "split_document_ranges"]
 
 
 class IndexedDataConfig(StrictModel):
@@ -57,6 +58,20 @@ def check_vocab_fits(tokenizer_vocab_size: int, model_vocab_size: int) -> None:
     if tokenizer_vocab_size > model_vocab_size:
         raise HibariError(f"tokenizer vocabulary ({tokenizer_vocab_size} tokens) is larger than the model's embeddings "
                           f"({model_vocab_size} rows); expand the model first (hibari convert expand-vocab)")
+
+
+def recorded_vocab_size(blend: list[tuple[float, str]]) -> int | None:
+    """Largest tokenizer vocabulary recorded by `hibari data tokenize` (PREFIX.json) over the blend, or None when
+    no dataset has a record (e.g. data written by Megatron's own preprocess_data.py)."""
+    sizes = []
+    for _, prefix in blend:
+        path = Path(f"{prefix}.json")
+        if path.is_file():
+            try:
+                sizes.append(int(json.loads(path.read_text(encoding="utf-8"))["vocab_size"]))
+            except (ValueError, KeyError, TypeError):
+                raise HibariError(f"{path}: corrupt dataset stats (expected a JSON object with vocab_size)") from None
+    return max(sizes) if sizes else None
 
 
 def split_document_ranges(num_documents: int, split: tuple[float, float]) -> list[tuple[int, int]]:

@@ -1,0 +1,1 @@
+"""SentencePiece tokenizer training, Swallow-style vocabulary expansion, and the encoder used to tokenize corpora."""
