@@ -35,8 +35,8 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "megatron-core==0.16.1"],
-        "bench": ["datatrove", "hojichar", "datasketch"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "megatron-core==0.16.1", "datasets>=3"],
+        "bench": ["datatrove==0.10.1", "hojichar==0.18.1", "spacy[ja]", "datasketch"],
         "gpu": ["flash-attn"],
     },
     entry_points={"console_scripts": ["hibari=launch.cli:main"]},

@@ -25,3 +25,68 @@ def register(subparsers) -> None:
 
 def _register_own_commands(sub) -> None:
     """clean / annotate: added by the cleaning pipeline."""
+    clean = sub.add_parser("clean", help="WARC files -> cleaned Japanese JSONL.zst shards + funnel report")
+    clean.add_argument("--input", required=True, help="WARC / WARC.gz file or glob (quote it)")
+    clean.add_argument("--output", required=True, help="output directory (one <stem>.jsonl.zst per input)")
+    clean.add_argument("--workers", type=int, default=1, help="parallel tasks (default 1)")
+    clean.add_argument("--config", default=None, help="YAML config (see data_pipeline/corpus/config.py)")
+    clean.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="config override, e.g. extract.extractor=resiliparse (repeatable)")
+    clean.add_argument("--snapshot", default=None,
+                       help="snapshot name for all inputs (default: warcinfo isPartOf / file name / unknown)")
+    clean.add_argument("--executor", choices=("local", "slurm"), default="local",
+                       help="local: process pool here; slurm: SLURM array job (see --slurm-* options)")
+    clean.add_argument("--quiet", action="store_true", help="no progress display")
+    try:
+        from launch.slurm_array import add_slurm_executor_arguments
+    except ImportError:  # the SLURM executor has not landed in this checkout
+        pass
+    else:
+        add_slurm_executor_arguments(clean, with_executor_choice=False)
+    clean.set_defaults(func=_clean)
+
+    annotate = sub.add_parser("annotate", help="add Swallow quality/NG-word features and keep/reasons to JSONL")
+    annotate.add_argument("--input", required=True, help="JSONL or JSONL.zst with a 'text' field per record")
+    annotate.add_argument("--output", required=True, help="output JSONL (.zst to compress)")
+    annotate.add_argument("--rules", default=None,
+                          help="rule groups deciding 'keep': quality,ngword (default: all that apply)")
+    annotate.add_argument("--ng-words", nargs="+", default=None, metavar="PATH",
+                          help="NG word list files/dirs (default: the shipped Swallow lists)")
+    annotate.add_argument("--no-ngword", action="store_true", help="do not compute NG-word features")
+    annotate.add_argument("--quiet", action="store_true")
+    annotate.set_defaults(func=_annotate)
+
+
+def _clean(args) -> int:
+    from data_pipeline.corpus.config import CleanConfig
+    from data_pipeline.corpus.pipeline import run_clean
+    from launch.config import load_config
+
+    overrides = list(args.overrides)
+    cfg = load_config(CleanConfig, args.config, overrides)
+    if args.snapshot:
+        cfg.snapshot = args.snapshot
+    runner = None
+    if args.executor == "slurm":
+        try:
+            from launch.slurm_array import make_runner
+        except ImportError:
+            make_runner = None
+        if make_runner is not None:
+            runner = make_runner(args)
+    report = run_clean(args.input, args.output, cfg, workers=args.workers, executor=args.executor,
+                       show_progress=not args.quiet, runner=runner)
+    print(f"corpus clean: {report['documents_written']:,} documents in {report['shards']} shard(s) -> "
+          f"{args.output} (report.md, funnel.png; {report['pages_per_s_per_task']} pages/s per task)")
+    return 0
+
+
+def _annotate(args) -> int:
+    from data_pipeline.corpus.annotate import annotate_file, parse_rules
+
+    counts = annotate_file(args.input, args.output, parse_rules(args.rules), ng_paths=args.ng_words,
+                           use_ng=not args.no_ngword, show_progress=not args.quiet)
+    print(f"corpus annotate: {counts['records']:,} records, {counts['kept']:,} keep, {counts['dropped']:,} drop"
+          f"{', ' + str(counts['no_text_field']) + ' without text' if counts['no_text_field'] else ''} -> "
+          f"{args.output}")
+    return 0

@@ -11,14 +11,17 @@ Every feature equals what the authors' `annotate_quality.py` computes (swallow-l
 Where the reference crashes (empty text, no sentence, text shorter than n for a top-n-gram feature) we return 0.0
 for the undefined feature and `quality_decision` drops the document with an explicit reason.
 
-Speed: the character n-gram statistics for n = 2..10 come from ONE sort of the text's positions by their
-10-character prefix plus the common prefix of sorted neighbours (capped at 10): equal n-grams are contiguous in
-that order, and neighbours belong to the same n-gram iff their first n characters agree. Positions whose suffix is
-shorter than n never join (their padded windows differ), so no n-gram crosses the end of the text.
+Speed: the character n-gram statistics for n = 2..10 come from ONE ordering of the text's positions by their
+10-character prefix (an integer sort on the first 4 characters packed in a uint64, then only the tied positions
+re-sorted by the next 6) plus the common prefix of sorted neighbours (capped at 10): equal n-grams are contiguous
+in that order, and neighbours belong to the same n-gram iff their first n characters agree. Positions whose suffix
+is shorter than n never join (their zero-padded windows differ), so no n-gram crosses the end of the text. Exact:
+no hashing.
 """
 
 from __future__ import annotations
 
+import operator
 import re
 
 import numpy as np
@@ -37,17 +40,20 @@ for _c in "、，":
 for _c in "。．！？":
     _CATEGORY[ord(_c)] = _KUTEN
 
-_TERMINATORS = "。．！？!?"
 # the reference applies `[^。．！？!?]+[。．！？!?]?` per line; excluding '\n' from the class gives the same matches
 # on the whole text at once
 _RE_SENTENCE = re.compile(r"[^。．！？!?\n]+[。．！？!?]?")
 # characters the per-line sentence regex skips: terminators at a line start or right after another terminator
-_RE_UNMATCHED = re.compile(r"(?m)(?:^|(?<=[。．！？!?]))[。．！？!?]+")
+_RE_SKIPPED_AT_LINE_START = re.compile(r"(?m)^[。．！？!?]+")
+_RE_TERMINATOR_RUN = re.compile(r"([。．！？!?])[。．！？!?]+")
+_RE_HAS_SKIPPED = re.compile(r"(?m)^[。．！？!?]|[。．！？!?]{2}")
 _ELLIPSIS_ENDINGS = ("・", "…")
 
 NGRAM_TOP_RANGE = (2, 3, 4)
 NGRAM_DUP_RANGE = (5, 6, 7, 8, 9, 10)
 _MAX_N = 10
+_TOP_KEY = {n: f"top_{n}gram_character_fraction" for n in NGRAM_TOP_RANGE}
+_DUP_KEY = {n: f"duplicate_{n}gram_character_fraction" for n in NGRAM_DUP_RANGE}
 
 FEATURE_NAMES: tuple[str, ...] = (
     "num_letters", "num_hiragana_letters", "num_katakana_letters", "num_kanji_letters", "num_kuten", "num_toten",
@@ -98,62 +104,103 @@ def _code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
-def _prefix_windows(cp: np.ndarray) -> np.ndarray:
-    """(len(cp), 10) matrix: row i = the 10 characters from position i, as ranks padded with 0 past the end.
+_U64 = np.uint64
+_BELOW = (_U64(1 << 48), _U64(1 << 32), _U64(1 << 16))
 
-    Rows are sorted lexicographically by the caller, so a shorter suffix sorts before the longer ones it prefixes.
-    Common case (all code points < U+FFFF): a zero-copy strided view of uint16 values cp+1."""
+
+def _joined_neighbours(cp: np.ndarray) -> np.ndarray:
+    """joined[n-1, j]: positions j and j+1 of the text, sorted by their 10-character prefix (padded past the end
+    with 0, which sorts before every character), share their first n characters. Shape (10, len(cp) - 1)."""
     n = len(cp)
-    if n and int(cp.max()) < 0xFFFF:
-        pad = np.zeros(n + _MAX_N, dtype=">u2")  # big-endian, so the rows' bytes compare like their values
-        pad[:n] = cp + 1
+    if int(cp.max()) < 0xFFFF:
+        values = cp + 1
     else:
-        _, inverse = np.unique(cp, return_inverse=True)
-        pad = np.zeros(n + _MAX_N, dtype=">u4")
-        pad[:n] = inverse + 1
-    step = pad.itemsize
-    return np.lib.stride_tricks.as_strided(pad, shape=(n, _MAX_N), strides=(step, step), writeable=False)
+        uniq, inverse = np.unique(cp, return_inverse=True)  # dense ranks keep the order
+        if len(uniq) >= 0xFFFF:
+            return _joined_neighbours_wide(inverse + 1)
+        values = inverse + 1
+    # characters as big-endian uint16, so 4 consecutive ones read as one uint64 compare like the 4-gram
+    pad = np.zeros(n + _MAX_N + 2, dtype=">u2")
+    pad[:n] = values
+    k1 = np.ndarray(shape=(n,), dtype=">u8", buffer=pad, strides=(2,)).astype(np.uint64)  # chars 0-3
+    k2 = np.ndarray(shape=(n,), dtype=">u8", buffer=pad, offset=8, strides=(2,)).astype(np.uint64)  # 4-7
+    k3 = np.ndarray(shape=(n,), dtype=">u4", buffer=pad, offset=16, strides=(2,)).astype(np.uint32)  # 8-9
+    order = np.argsort(k1)
+    s1 = k1[order]
+    tie = s1[1:] == s1[:-1]
+    if tie.any():  # order positions sharing a 4-gram by their next 6 characters
+        in_tie = np.zeros(n, dtype=bool)
+        in_tie[1:] = tie
+        in_tie[:-1] |= tie
+        sub = order[in_tie]
+        order[in_tie] = sub[np.lexsort((k3[sub], k2[sub], k1[sub]))]
+    x1 = s1[1:] ^ s1[:-1]
+    s2 = k2[order]
+    x2 = s2[1:] ^ s2[:-1]
+    s3 = k3[order]
+    x3 = s3[1:] ^ s3[:-1]
+    joined = np.empty((_MAX_N, n - 1), dtype=bool)
+    for row, x in ((0, x1), (4, x2)):
+        for i, bound in enumerate(_BELOW):  # common prefix >= 1, 2, 3 characters of this 4-character word
+            np.less(x, bound, out=joined[row + i])
+        np.equal(x, 0, out=joined[row + 3])
+    np.less(x3, 1 << 16, out=joined[8])
+    np.equal(x3, 0, out=joined[9])
+    joined[4:8] &= joined[3]
+    joined[8:] &= joined[7]
+    return joined
 
 
-def ngram_statistics(text: str) -> dict[str, float]:
+def _joined_neighbours_wide(values: np.ndarray) -> np.ndarray:
+    """Same for texts with >= 65535 distinct characters: sort the 10-character windows as byte strings."""
+    n = len(values)
+    pad = np.zeros(n + _MAX_N, dtype=">u4")
+    pad[:n] = values
+    windows = np.ndarray(shape=(n, _MAX_N), dtype=">u4", buffer=pad, strides=(4, 4))
+    keys = np.ascontiguousarray(windows).view(f"S{4 * _MAX_N}").ravel()
+    columns = np.sort(keys).view("u4").reshape(n, _MAX_N).T
+    joined = np.empty((_MAX_N, n - 1), dtype=bool)
+    np.equal(columns[:, 1:], columns[:, :-1], out=joined)
+    np.logical_and.accumulate(joined, axis=0, out=joined)
+    return joined
+
+
+def ngram_statistics(text: str, cp: np.ndarray | None = None) -> dict[str, float]:
     """top_{2,3,4}gram_character_fraction and duplicate_{5..10}gram_character_fraction of `text`."""
     out: dict[str, float] = {}
     n_chars = len(text)
     if n_chars < 2:
         for n in NGRAM_TOP_RANGE:
-            out[f"top_{n}gram_character_fraction"] = 0.0
+            out[_TOP_KEY[n]] = 0.0
         for n in NGRAM_DUP_RANGE:
-            out[f"duplicate_{n}gram_character_fraction"] = 0.0
+            out[_DUP_KEY[n]] = 0.0
         return out
-    windows = _prefix_windows(_code_points(text))
-    # sort the rows as byte strings: lexicographic order of the 10-character prefixes
-    keys = np.ascontiguousarray(windows).view(f"S{windows.itemsize * _MAX_N}").ravel()
-    order = np.argsort(keys)
-    sorted_windows = windows[order]
-    # joined[j, n-1]: sorted neighbours j, j+1 share their first n characters (capped LCP >= n)
-    joined = np.logical_and.accumulate(sorted_windows[1:] == sorted_windows[:-1], axis=1)
-    num_joined = np.count_nonzero(joined, axis=0)
-    # groups of equal n-grams with more than one member = runs of joined neighbours
-    num_runs = joined[0].astype(np.int64) + np.count_nonzero(joined[1:] & ~joined[:-1], axis=0)
+    joined = _joined_neighbours(_code_points(text) if cp is None else cp)
+    # equal n-grams are contiguous in sorted order, so groups of >= 2 equal n-grams = runs of joined neighbours
+    num_joined = np.count_nonzero(joined, axis=1)
+    num_groups = np.count_nonzero(joined[:, 1:] & ~joined[:, :-1], axis=1) + joined[:, 0]
     for n in NGRAM_TOP_RANGE:
         total = n_chars - n + 1
         if total <= 0:
-            out[f"top_{n}gram_character_fraction"] = 0.0
+            out[_TOP_KEY[n]] = 0.0
             continue
-        column = joined[:, n - 1]
+        # longest run of joined neighbours, plus one = size of the largest group of equal n-grams
         if not num_joined[n - 1]:
-            top = 1
+            run = 0
         else:
-            # longest run of joined neighbours + 1 = size of the largest group of equal n-grams
-            edges = np.concatenate(([-1], np.flatnonzero(~column), [len(column)]))
-            top = int(np.diff(edges).max())
-        out[f"top_{n}gram_character_fraction"] = top / total
+            breaks = np.flatnonzero(~joined[n - 1])
+            if not len(breaks):
+                run = n_chars - 1
+            else:
+                run = max(int(breaks[0]), n_chars - 2 - int(breaks[-1]),
+                          int((breaks[1:] - breaks[:-1]).max()) - 1 if len(breaks) > 1 else 0)
+        out[_TOP_KEY[n]] = (run + 1) / total
     for n in NGRAM_DUP_RANGE:
         total = n_chars - n + 1
         if total <= 0:
-            out[f"duplicate_{n}gram_character_fraction"] = 0.0
+            out[_DUP_KEY[n]] = 0.0
             continue
-        out[f"duplicate_{n}gram_character_fraction"] = int(num_runs[n - 1]) / (total - int(num_joined[n - 1]))
+        out[_DUP_KEY[n]] = int(num_groups[n - 1]) / (total - int(num_joined[n - 1]))
     return out
 
 
@@ -167,13 +214,49 @@ def _duplicates(items: list[str]) -> tuple[int, int, int]:
 def quality_features(text: str, ng_matcher=None) -> dict[str, float]:
     """All Swallow quality features of `text` (names as in the reference). With an `NGWordMatcher`, also
     `num_ng_letters` and `ng_fraction` (matched characters / num_japanese_letters)."""
+    cp = _code_points(text)
+    f = _script_and_sentence_features(text, cp)
+    f.update(ngram_statistics(text, cp))
+    if ng_matcher is not None:
+        f.update(ng_matcher.stat(text, f["num_japanese_letters"]))
+    return f
+
+
+def num_japanese_letters(text: str) -> int:
+    """hiragana + katakana + kanji + kuten + toten (the denominator of ng_fraction)."""
+    if not text:
+        return 0
+    counts = np.bincount(_CATEGORY[_code_points(text)], minlength=6)
+    return int(counts[1:].sum())
+
+
+def quality_keep(text: str, ng_matcher=None, ng_max_fraction: float = 0.05) -> tuple[bool, list[str]]:
+    """The keep decision of `quality_decision(quality_features(text, ng_matcher))`, cheaper: the n-gram statistics
+    and the NG scan run only if the cheaper rules all pass. Reasons list only the first failing stage's rules."""
+    cp = _code_points(text)
+    f = _script_and_sentence_features(text, cp)
+    reasons = _fired(f, _CHEAP_RULES)
+    if f["max_sentence_length"] == 0:
+        reasons.append(REASON_NO_SENTENCES)
+    if reasons:
+        return False, reasons
+    f.update(ngram_statistics(text, cp))
+    reasons = _fired(f, _NGRAM_RULES)
+    if reasons:
+        return False, reasons
+    if ng_matcher is not None:
+        f.update(ng_matcher.stat(text, f["num_japanese_letters"]))
+        if f["ng_fraction"] >= ng_max_fraction:
+            return False, [f"ng_fraction>={ng_max_fraction:g}"]
+    return True, []
+
+
+def _script_and_sentence_features(text: str, cp: np.ndarray) -> dict[str, float]:
     f: dict[str, float] = {}
     n_letters = len(text)
     f["num_letters"] = n_letters
     if n_letters:
-        counts = np.bincount(_CATEGORY[_code_points(text)], minlength=6)
-        hira, kata, kanji, kuten, toten = (int(counts[c]) for c in
-                                           (_HIRAGANA, _KATAKANA, _KANJI, _KUTEN, _TOTEN))
+        _, hira, kata, kanji, kuten, toten = np.bincount(_CATEGORY[cp], minlength=6).tolist()
     else:
         hira = kata = kanji = kuten = toten = 0
     n_ja = hira + kata + kanji + kuten + toten
@@ -191,8 +274,10 @@ def quality_features(text: str, ng_matcher=None) -> dict[str, float]:
     f["japanese_fraction"] = n_ja / n_letters if n_letters else 0.0
 
     sentences = _RE_SENTENCE.findall(text)
-    paragraphs = _RE_UNMATCHED.sub("", text).split("\n") if any(t in text for t in _TERMINATORS) \
-        else text.split("\n")
+    if _RE_HAS_SKIPPED.search(text):
+        paragraphs = _RE_TERMINATOR_RUN.sub(r"\1", _RE_SKIPPED_AT_LINE_START.sub("", text)).split("\n")
+    else:
+        paragraphs = text.split("\n")
     n_sent = len(sentences)
     if n_sent:
         lengths = list(map(len, sentences))
@@ -212,14 +297,25 @@ def quality_features(text: str, ng_matcher=None) -> dict[str, float]:
     dup_s, dup_s_chars, total_s_chars = _duplicates(sentences)
     f["duplicate_sentence_fraction"] = dup_s / n_sent if n_sent else 0.0
     f["duplicate_sentence_fraction_in_character"] = dup_s_chars / total_s_chars if total_s_chars else 0.0
-
-    f.update(ngram_statistics(text))
-    if ng_matcher is not None:
-        f.update(ng_matcher.stat(text, n_ja))
     return f
 
 
-_OPS = {"<": lambda a, b: a < b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+_OPS = {"<": operator.lt, ">": operator.gt, ">=": operator.ge}
+
+
+def _compile(rules) -> tuple:
+    return tuple((name, _OPS[op], threshold, f"{name}{op}{threshold:g}") for name, op, threshold in rules)
+
+
+_COMPILED = {group: _compile(rules) for group, rules in RULE_GROUPS.items()}
+_NGRAM_FEATURES = {f"top_{n}gram_character_fraction" for n in NGRAM_TOP_RANGE} | \
+    {f"duplicate_{n}gram_character_fraction" for n in NGRAM_DUP_RANGE}
+_CHEAP_RULES = tuple(r for r in _COMPILED["quality"] if r[0] not in _NGRAM_FEATURES)
+_NGRAM_RULES = tuple(r for r in _COMPILED["quality"] if r[0] in _NGRAM_FEATURES)
+
+
+def _fired(features: dict, compiled) -> list[str]:
+    return [reason for name, op, threshold, reason in compiled if op(features[name], threshold)]
 
 
 def quality_decision(features: dict, rules: tuple[str, ...] | list[str] | None = None) -> tuple[bool, list[str]]:
@@ -238,12 +334,10 @@ def quality_decision(features: dict, rules: tuple[str, ...] | list[str] | None =
             raise ValueError(f"unknown rule group {group!r}; expected one of {sorted(RULE_GROUPS)}")
         if group == "ngword" and "ng_fraction" not in features:
             raise ValueError("rule group 'ngword' needs the ng_fraction feature (annotate with an NG word list)")
+        reasons.extend(_fired(features, _COMPILED[group]))
         if group == "quality":
             if features["max_sentence_length"] == 0:
                 reasons.append(REASON_NO_SENTENCES)
             if features["num_letters"] < max(NGRAM_TOP_RANGE):
                 reasons.append(REASON_SHORTER_THAN_NGRAM)
-        for name, op, threshold in RULE_GROUPS[group]:
-            if _OPS[op](features[name], threshold):
-                reasons.append(f"{name}{op}{threshold:g}")
     return not reasons, reasons
