@@ -6,7 +6,7 @@ State layout under `OUTPUT/_dedup/state/` (every file written atomically; `done/
     sig/<key>.bands.npy         (bands, docs) uint64 band keys            -- written by `signature_task`
     sig/<key>.meta.npz          ids, date (epoch s), snapshot, host, valid -- written by `signature_task`
     sig/<key>.minhash.npy       (docs, bands*rows) uint32, only with save_minhash
-    edges/band-XX.npy           (M, 2) int64 star edges of band XX         -- written by `band_task`
+    edges/band-XXX.i64          raw int64 pairs: star edges of band XXX     -- written by `band_task`
     clusters/<key>.npz          removed rows + kept id per removed row      -- written by `cluster_task`
     hosts.jsonl.zst, hosts_dropped.json                                    -- written by `cluster_task`
 Incremental runs reference earlier outputs' `sig/` files through the manifest instead of copying them.
@@ -24,7 +24,8 @@ import numpy as np
 import xxhash
 
 from data_pipeline.dedup.hosts import HostCounts, hosts_to_drop, removed_share
-from data_pipeline.dedup.lsh import band_edges, choose_keepers, cluster_size_histogram, connected_components
+from data_pipeline.dedup.lsh import (choose_keepers, cluster_size_histogram, connected_components, iter_band_edges,
+                                     passes_for_budget)
 from data_pipeline.dedup.minhash import MinHasher
 from data_pipeline.io import atomic_write, read_jsonl, write_jsonl
 from launch.errors import HibariError
@@ -142,9 +143,16 @@ def band_task(band: int, shards: list[dict], edges_path: str, memory_bytes: int)
             gidx = s["offset"] + np.flatnonzero(valid)
             yield (keys[valid] if not valid.all() else keys), gidx
 
-    edges, passes = band_edges(load_parts, total, memory_bytes)
-    _save_npy(Path(edges_path), edges)
-    return {"band": band, "edges": int(len(edges)), "passes": passes}
+    count = 0
+    with atomic_write(edges_path, "wb") as f:  # each pass's edges go to disk before the next pass starts
+        for edges in iter_band_edges(load_parts, total, memory_bytes):
+            edges.astype("<i8", copy=False).tofile(f)
+            count += len(edges)
+    return {"band": band, "edges": count, "passes": passes_for_budget(total, memory_bytes)}
+
+
+def load_edges(path: str | Path) -> np.ndarray:
+    return np.fromfile(path, dtype="<i8").reshape(-1, 2)
 
 
 # --------------------------------------------------------------------------------------------- clusters + hosts
@@ -152,13 +160,9 @@ def cluster_task(state_dir: str, shards: list[dict], bands: int, keep: str, host
                  host_min_pages: int, host_count: str) -> dict:
     """Union the bands' edges into clusters, pick the kept document per cluster, decide the hosts to drop."""
     state = Path(state_dir)
-    parts = [np.load(state / "edges" / f"band-{b:03d}.npy") for b in range(bands)]
-    edges = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
-    del parts
-    if len(edges):
-        edges = np.unique(edges, axis=0)
-    nodes, root = connected_components(edges)
-    del edges
+    num_docs = sum(s["docs"] for s in shards)
+    nodes, root = connected_components((load_edges(state / "edges" / f"band-{b:03d}.i64") for b in range(bands)),
+                                       num_docs)
     offsets = np.array([s["offset"] for s in shards], dtype=np.int64)
     shard_of = np.searchsorted(offsets, nodes, side="right") - 1 if len(nodes) else np.zeros(0, np.int64)
 
@@ -167,7 +171,7 @@ def cluster_task(state_dir: str, shards: list[dict], bands: int, keep: str, host
     node_date = np.zeros(len(nodes), np.int64)
     node_snap = np.empty(len(nodes), dtype=object)
     node_host = np.empty(len(nodes), dtype=object)
-    for si in np.unique(shard_of):
+    for si in np.flatnonzero(np.bincount(shard_of, minlength=len(shards))):
         s = shards[si]
         sel = np.flatnonzero(shard_of == si)
         rows = nodes[sel] - s["offset"]
@@ -177,45 +181,49 @@ def cluster_task(state_dir: str, shards: list[dict], bands: int, keep: str, host
             node_snap[sel] = meta["snapshot"][rows]
             node_host[sel] = meta["host"][rows]
     snap_names = sorted(set(node_snap.tolist()))
-    snap_rank = np.searchsorted(np.array(snap_names, dtype=object), node_snap).astype(np.int64) if len(nodes) \
-        else np.zeros(0, np.int64)
-    keeper = choose_keepers(root, node_date, snap_rank, id_tiebreak(node_ids.tolist()), keep)
+    snap_rank = np.searchsorted(np.array(snap_names, dtype=str), np.array(node_snap.tolist(), dtype=str)) \
+        .astype(np.int64) if len(nodes) else np.zeros(0, np.int64)
+    tiebreak = id_tiebreak(node_ids.tolist())
+    keeper = choose_keepers(root, node_date, snap_rank, tiebreak, keep)
     removed = keeper != np.arange(len(nodes))
     histogram = cluster_size_histogram(root)
 
-    # per-shard decisions and per-host counts
-    per_host: dict[str, list[int]] = {}
+    # host filter, decided on the dedup result
+    pages: Counter = Counter()
+    for s in shards:
+        with np.load(sig_paths(s["sig_dir"], s["key"])[1]) as meta:
+            pages.update(meta["host"][meta["valid"]].tolist())
+    dup_removed = Counter(node_host[removed].tolist())
+    other = removed & (node_host != node_host[keeper])
+    dup_removed_other = Counter(node_host[other].tolist())
+    counts = {h: HostCounts(c, dup_removed[h], dup_removed_other[h]) for h, c in pages.items()}
+    dropped = hosts_to_drop(counts, host_threshold, host_min_pages, host_count)
+    dropped_set = set(dropped)
+    if dropped_set and len(nodes):
+        # a cluster whose kept copy sits on a dropped host keeps its best copy on a remaining host instead,
+        # so the text survives whenever any copy can
+        eligible = np.fromiter((h not in dropped_set for h in node_host), dtype=bool, count=len(nodes))
+        keeper = choose_keepers(root, node_date, snap_rank, tiebreak, keep, eligible=eligible)
+        removed = keeper != np.arange(len(nodes))
+    final_dup_removed = Counter(node_host[removed].tolist())
+
+    # per-shard decisions
     for si, s in enumerate(shards):
         sel = np.flatnonzero((shard_of == si) & removed)
         rows = nodes[sel] - s["offset"]
-        kept_pos = keeper[sel]
         _save_npz(state / "clusters" / (s["key"] + ".npz"), removed_rows=rows.astype(np.int64),
-                  kept_ids=np.array(node_ids[kept_pos].tolist(), dtype=str))
-        with np.load(sig_paths(s["sig_dir"], s["key"])[1]) as meta:
-            hosts, valid = meta["host"], meta["valid"]
-        for h, c in Counter(hosts[valid].tolist()).items():
-            per_host.setdefault(h, [0, 0, 0])[0] += c
-        removed_hosts = node_host[sel]
-        other = removed_hosts != node_host[kept_pos]
-        for h, c in Counter(removed_hosts.tolist()).items():
-            per_host[h][1] += c
-        for h, c in Counter(removed_hosts[other].tolist()).items():
-            per_host[h][2] += c
-    counts = {h: HostCounts(*v) for h, v in per_host.items()}
-    dropped = hosts_to_drop(counts, host_threshold, host_min_pages, host_count)
-    dropped_set = set(dropped)
+                  kept_ids=np.array(node_ids[keeper[sel]].tolist(), dtype=str))
     with atomic_write(state / "hosts_dropped.json", "w") as f:
         json.dump(dropped, f, ensure_ascii=False)
     write_jsonl(state / "hosts.jsonl.zst", (
         {"host": h, "pages": c.pages, "after_dedup": c.pages - c.dup_removed,
-         "after_host_filter": 0 if h in dropped_set else c.pages - c.dup_removed,
+         "after_host_filter": 0 if h in dropped_set else c.pages - final_dup_removed[h],
          "dup_removed": c.dup_removed, "dup_removed_other_host": c.dup_removed_other_host,
          "removed_share": round(removed_share(c, host_count), 6), "dropped": h in dropped_set}
         for h, c in sorted(counts.items(), key=lambda kv: (-kv[1].pages, kv[0]))))
     return {"clustered_docs": int(len(nodes)), "clusters": int(sum(histogram.values())),
             "dup_removed": int(removed.sum()), "cluster_sizes": {str(k): v for k, v in histogram.items()},
-            "hosts": len(counts), "hosts_dropped": len(dropped),
-            "host_filter_pages": int(sum(counts[h].pages - counts[h].dup_removed for h in dropped))}
+            "hosts": len(counts), "hosts_dropped": len(dropped)}
 
 
 # --------------------------------------------------------------------------------------------- apply

@@ -1,0 +1,180 @@
+"""The dedup stage end to end: signatures -> LSH bands -> clusters + host filter -> apply -> report.
+
+Each step is a list of executor tasks with completion markers in `OUTPUT/_dedup/state/done/`, so a killed run
+resumes where it stopped and a finished run is a no-op (the report is rewritten).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from data_pipeline.dedup import stages
+from data_pipeline.dedup.report import write_report
+from data_pipeline.executor import Task, run_local
+from data_pipeline.io import atomic_write, ensure_writable_dir
+from launch.config import StrictModel
+from launch.errors import HibariError
+
+DEDUP_DIR = "_dedup"  # inside OUTPUT: state, removal lists and report; deduplicated shards sit beside it
+SHARD_SUFFIXES = (".jsonl.zst", ".jsonl")
+# parameters that make stored signatures incompatible when they differ
+SIGNATURE_PARAMS = ("ngram", "bands", "rows", "seed")
+
+
+class DedupConfig(StrictModel):
+    ngram: int = Field(5, ge=1, description="character n-gram length")
+    bands: int = Field(40, ge=1, description="LSH bands")
+    rows: int = Field(20, ge=1, description="MinHash values per band")
+    seed: int = Field(1, ge=0, description="seed of the hash functions (signatures only compare under one seed)")
+    keep: Literal["newest", "oldest"] = "newest"
+    memory_mb: int = Field(1024, ge=1, description="working-memory budget of one LSH band task")
+    host_threshold: float = Field(0.8, ge=0.0, le=1.0, description="drop hosts whose removed share is above this")
+    host_min_pages: int = Field(10, ge=1, description="hosts with fewer pages are never dropped")
+    host_count: Literal["other_host", "all"] = "other_host"
+    host_filter: bool = True
+    save_minhash: bool = False
+    plot: bool = Field(True, description="also draw cluster_sizes.png (imports matplotlib)")
+    batch_docs: int = Field(256, ge=1)
+
+
+def discover_shards(input_dir: Path) -> list[tuple[str, Path]]:
+    """(key, path) of every shard under `input_dir`; key = path relative to input_dir (the output name)."""
+    if not input_dir.is_dir():
+        raise HibariError(f"input {input_dir}: not a directory (expected the output directory of corpus clean)")
+    found = []
+    for p in sorted(input_dir.rglob("*")):
+        if not p.is_file() or not p.name.endswith(SHARD_SUFFIXES) or p.name.startswith("."):
+            continue
+        rel = p.relative_to(input_dir)
+        if DEDUP_DIR in rel.parts:
+            continue
+        found.append((rel.as_posix(), p.resolve()))
+    if not found:
+        raise HibariError(f"input {input_dir}: no *.jsonl.zst shards found")
+    return found
+
+
+def _task_name(prefix: str, key: str) -> str:
+    return prefix + "-" + key.replace("/", "__")
+
+
+def _check_params(state: Path, params: dict) -> None:
+    path = state / "params.json"
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+        if diff:
+            raise HibariError(f"{path}: this output was started with other parameters ({', '.join(diff)}); "
+                              f"use a fresh --output or the same parameters to resume")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "w") as f:
+            json.dump(params, f, indent=1, sort_keys=True)
+
+
+def _load_previous(previous: Path, config: DedupConfig) -> list[dict]:
+    state = previous / DEDUP_DIR / "state"
+    manifest, params = state / "shards.json", state / "params.json"
+    if not manifest.is_file() or not params.is_file():
+        raise HibariError(f"--previous {previous}: no finished dedup run there (missing {manifest})")
+    old = json.loads(params.read_text(encoding="utf-8"))
+    for k in SIGNATURE_PARAMS:
+        if old.get(k) != getattr(config, k):
+            raise HibariError(f"--previous {previous}: its signatures use {k}={old.get(k)}, this run "
+                              f"{k}={getattr(config, k)}; signatures are only comparable with equal {k}")
+    shards = json.loads(manifest.read_text(encoding="utf-8"))
+    for s in shards:
+        if not Path(s["input"]).is_file():
+            raise HibariError(f"--previous {previous}: its input shard {s['input']} is gone "
+                              f"(needed to write the deduplicated output of earlier snapshots)")
+    return shards
+
+
+def run_dedup(input_dir: str | Path, output_dir: str | Path, config: DedupConfig | None = None,
+              previous: str | Path | None = None, workers: int = 1, executor: str = "local",
+              show_progress: bool = True) -> dict:
+    """Deduplicate all shards under `input_dir` (plus the shards of a `previous` run's output, whose stored
+    signatures are reused) into `output_dir`. Returns the report dict (also in OUTPUT/_dedup/report.json)."""
+    config = config or DedupConfig()
+    if executor != "local":
+        raise HibariError(f"--executor {executor}: not available yet for corpus dedup (use --executor local)")
+    input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if output_dir == input_dir or output_dir.is_relative_to(input_dir):
+        raise HibariError(f"--output {output_dir}: must not be the input directory or inside it")
+    if previous and Path(previous).resolve() == output_dir:
+        raise HibariError(f"--previous {previous}: must differ from --output (the earlier run's output stays as is)")
+    new_shards = discover_shards(input_dir)
+    prev_shards = _load_previous(Path(previous).resolve(), config) if previous else []
+    prev_keys = {s["key"] for s in prev_shards}
+    clash = sorted(k for k, _ in new_shards if k in prev_keys)
+    if clash:
+        raise HibariError(f"input shard {clash[0]}: also a shard of --previous {previous}; shard names must be "
+                          f"unique across snapshots (e.g. prefix them with the snapshot name)")
+    ensure_writable_dir(output_dir)
+    dd = output_dir / DEDUP_DIR
+    state = dd / "state"
+    params = {**config.model_dump(exclude={"batch_docs", "plot"}),
+              "previous": str(Path(previous).resolve()) if previous else None}
+    _check_params(state, params)
+    t0 = time.perf_counter()
+    timings = {}
+
+    # 1. signatures, one task per new shard
+    sig_dir = state / "sig"
+    sig_tasks = [Task(_task_name("sig", key), stages.signature_task,
+                      (str(path), key, str(sig_dir), config.ngram, config.bands, config.rows, config.seed),
+                      {"batch_docs": config.batch_docs, "save_minhash": config.save_minhash})
+                 for key, path in new_shards]
+    sig_stats = run_local(sig_tasks, state, workers, desc="dedup signatures", show_progress=show_progress)
+    timings["signatures_s"] = time.perf_counter() - t0
+
+    shards = [{k: s[k] for k in ("key", "input", "sig_dir", "docs", "invalid")} for s in prev_shards]
+    for (key, path), task in zip(new_shards, sig_tasks):
+        st = sig_stats[task.task_id]
+        shards.append({"key": key, "input": str(path), "sig_dir": str(sig_dir), "docs": st["docs"],
+                       "invalid": st["invalid"]})
+    offset = 0
+    for s in shards:
+        s["offset"] = offset
+        offset += s["docs"]
+    with atomic_write(state / "shards.json", "w") as f:
+        json.dump(shards, f, ensure_ascii=False, indent=1)
+
+    # 2. LSH, one task per band
+    t1 = time.perf_counter()
+    (state / "edges").mkdir(parents=True, exist_ok=True)
+    band_tasks = [Task(f"band-{b:03d}", stages.band_task,
+                       (b, shards, str(state / "edges" / f"band-{b:03d}.i64"), config.memory_mb << 20))
+                  for b in range(config.bands)]
+    band_stats = run_local(band_tasks, state, workers, desc="dedup LSH bands", show_progress=show_progress)
+    timings["lsh_s"] = time.perf_counter() - t1
+
+    # 3. clusters, keep policy, host decisions (one task over all edges)
+    t2 = time.perf_counter()
+    threshold = config.host_threshold if config.host_filter else float("inf")
+    cluster_stats = run_local([Task("clusters", stages.cluster_task,
+                                    (str(state), shards, config.bands, config.keep, threshold,
+                                     config.host_min_pages, config.host_count))],
+                              state, 1, desc="dedup clusters", show_progress=show_progress)["clusters"]
+    timings["clusters_s"] = time.perf_counter() - t2
+
+    # 4. apply, one task per shard (earlier snapshots' shards too: newer copies can remove their documents)
+    t3 = time.perf_counter()
+    apply_tasks = []
+    for s in shards:
+        key = s["key"]
+        stem = key[: -len(".jsonl.zst")] if key.endswith(".jsonl.zst") else key[: -len(".jsonl")]
+        apply_tasks.append(Task(_task_name("apply", key), stages.apply_task,
+                                (s["input"], key, s["docs"], str(state / "clusters" / (key + ".npz")),
+                                 str(state / "hosts_dropped.json"), str(output_dir / key),
+                                 str(dd / "removed" / (stem + ".removed.jsonl.zst")))))
+    apply_stats = run_local(apply_tasks, state, workers, desc="dedup apply", show_progress=show_progress)
+    timings["apply_s"] = time.perf_counter() - t3
+    timings["total_s"] = time.perf_counter() - t0
+    return write_report(dd, config, shards, list(sig_stats.values()), list(band_stats.values()), cluster_stats,
+                        list(apply_stats.values()), timings, previous=str(previous) if previous else None)
