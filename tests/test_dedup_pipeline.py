@@ -219,7 +219,7 @@ def test_cli_runs_and_reports(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--executor", "slurm"], "not available yet"),
+    (["--workers", "0"], "--workers: expected >= 1"),
     (["--rows", "0"], "--rows"),
     (["--previous", "/nonexistent-dedup-run"], "no finished dedup run"),
 ])

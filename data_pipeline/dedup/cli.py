@@ -34,7 +34,9 @@ def register_corpus_commands(sub) -> None:
                    help="also store the full MinHash signatures (4*bands*rows bytes per document)")
     p.add_argument("--no-plot", action="store_true", help="skip cluster_sizes.png (no matplotlib import)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes")
-    p.add_argument("--executor", choices=("local", "slurm"), default="local")
+    from launch.slurm_array import add_slurm_executor_arguments
+
+    add_slurm_executor_arguments(p)  # --executor local|slurm and the --slurm-* options
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
 
@@ -56,8 +58,10 @@ def _run(args) -> int:
         raise HibariError(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']} (got {e['input']!r})") from None
     if args.workers < 1:
         raise HibariError(f"--workers: expected >= 1 (got {args.workers})")
+    from launch.slurm_array import make_runner
+
     report = run_dedup(args.input, args.output, config, previous=args.previous, workers=args.workers,
-                       executor=args.executor, show_progress=not args.quiet)
+                       runner=make_runner(args), show_progress=not args.quiet)
     print(f"dedup: {report['docs_in']:,} docs in, {report['dup_removed']:,} near-duplicates removed, "
           f"{report['host_removed']:,} removed by host filter ({report['hosts_dropped']} hosts), "
           f"{report['docs_out']:,} out; report: {args.output}/_dedup/report.md")

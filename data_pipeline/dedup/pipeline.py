@@ -96,13 +96,14 @@ def _load_previous(previous: Path, config: DedupConfig) -> list[dict]:
 
 
 def run_dedup(input_dir: str | Path, output_dir: str | Path, config: DedupConfig | None = None,
-              previous: str | Path | None = None, workers: int = 1, executor: str = "local",
+              previous: str | Path | None = None, workers: int = 1, runner=run_local,
               show_progress: bool = True) -> dict:
     """Deduplicate all shards under `input_dir` (plus the shards of a `previous` run's output, whose stored
-    signatures are reused) into `output_dir`. Returns the report dict (also in OUTPUT/_dedup/report.json)."""
+    signatures are reused) into `output_dir`. Returns the report dict (also in OUTPUT/_dedup/report.json).
+
+    `runner` executes each step's tasks; it has `run_local`'s signature (`launch.slurm_array.make_runner(args)`
+    gives a SLURM array runner for --executor slurm, using the same completion markers)."""
     config = config or DedupConfig()
-    if executor != "local":
-        raise HibariError(f"--executor {executor}: not available yet for corpus dedup (use --executor local)")
     input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
     if output_dir == input_dir or output_dir.is_relative_to(input_dir):
         raise HibariError(f"--output {output_dir}: must not be the input directory or inside it")
@@ -130,7 +131,7 @@ def run_dedup(input_dir: str | Path, output_dir: str | Path, config: DedupConfig
                       (str(path), key, str(sig_dir), config.ngram, config.bands, config.rows, config.seed),
                       {"batch_docs": config.batch_docs, "save_minhash": config.save_minhash})
                  for key, path in new_shards]
-    sig_stats = run_local(sig_tasks, state, workers, desc="dedup signatures", show_progress=show_progress)
+    sig_stats = runner(sig_tasks, state, workers, desc="dedup signatures", show_progress=show_progress)
     timings["signatures_s"] = time.perf_counter() - t0
 
     shards = [{k: s[k] for k in ("key", "input", "sig_dir", "docs", "invalid")} for s in prev_shards]
@@ -151,13 +152,13 @@ def run_dedup(input_dir: str | Path, output_dir: str | Path, config: DedupConfig
     band_tasks = [Task(f"band-{b:03d}", stages.band_task,
                        (b, shards, str(state / "edges" / f"band-{b:03d}.i64"), config.memory_mb << 20))
                   for b in range(config.bands)]
-    band_stats = run_local(band_tasks, state, workers, desc="dedup LSH bands", show_progress=show_progress)
+    band_stats = runner(band_tasks, state, workers, desc="dedup LSH bands", show_progress=show_progress)
     timings["lsh_s"] = time.perf_counter() - t1
 
     # 3. clusters, keep policy, host decisions (one task over all edges)
     t2 = time.perf_counter()
     threshold = config.host_threshold if config.host_filter else float("inf")
-    cluster_stats = run_local([Task("clusters", stages.cluster_task,
+    cluster_stats = runner([Task("clusters", stages.cluster_task,
                                     (str(state), shards, config.bands, config.keep, threshold,
                                      config.host_min_pages, config.host_count))],
                               state, 1, desc="dedup clusters", show_progress=show_progress)["clusters"]
@@ -173,7 +174,7 @@ def run_dedup(input_dir: str | Path, output_dir: str | Path, config: DedupConfig
                                 (s["input"], key, s["docs"], str(state / "clusters" / (key + ".npz")),
                                  str(state / "hosts_dropped.json"), str(output_dir / key),
                                  str(dd / "removed" / (stem + ".removed.jsonl.zst")))))
-    apply_stats = run_local(apply_tasks, state, workers, desc="dedup apply", show_progress=show_progress)
+    apply_stats = runner(apply_tasks, state, workers, desc="dedup apply", show_progress=show_progress)
     timings["apply_s"] = time.perf_counter() - t3
     timings["total_s"] = time.perf_counter() - t0
     return write_report(dd, config, shards, list(sig_stats.values()), list(band_stats.values()), cluster_stats,
