@@ -11,7 +11,11 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_ext*", "data_pipeline*", "parallel*", "checkpoints*", "launch*"]),
     include_package_data=True,
-    package_data={"": ["*.yaml", "*.txt", "*.json", "*.warc.gz", "*.zst", "*.model"]},
+    package_data={
+        "": ["*.yaml", "*.txt", "*.json", "*.zst", "*.model"],
+        "launch.demo_data": ["warc/*/*.warc.gz", "*.json", "*.zst"],
+        "data_pipeline.corpus": ["assets/*.txt", "assets/*/*.txt", "assets/*/*"],
+    },
     install_requires=[
         TORCH,
         "numpy>=1.26",
