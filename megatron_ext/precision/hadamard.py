@@ -36,9 +36,11 @@ def rht_matrix(signs: torch.Tensor | None = None) -> torch.Tensor:
 
 def apply_rht(x: torch.Tensor, t: torch.Tensor, round_to_bf16: bool = True) -> torch.Tensor:
     """Blockwise x[..., 16k:16k+16] @ T along the last dim (length a multiple of 16). The output is rounded to bf16
-    (as in TE: the transform runs in bf16 before the amax is taken) and returned as float32."""
+    (as in TE: the transform runs in bf16 before the amax is taken) and returned in float32 (float64 for float64
+    input)."""
     n = x.shape[-1]
     if n % BLOCK:
         raise ValueError(f"RHT: last dimension {n} is not a multiple of {BLOCK}")
-    y = (x.to(torch.float32).reshape(*x.shape[:-1], n // BLOCK, BLOCK) @ t.to(x.device)).reshape(x.shape)
-    return y.to(torch.bfloat16).to(torch.float32) if round_to_bf16 else y
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    y = (x.to(dtype).reshape(-1, BLOCK) @ t.to(x.device, dtype)).reshape(x.shape)  # one 2-D GEMM, not a bmm
+    return y.to(torch.bfloat16).to(dtype) if round_to_bf16 else y

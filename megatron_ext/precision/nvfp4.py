@@ -15,6 +15,7 @@ used by the golden tests and the benchmark.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -28,15 +29,6 @@ FP32_MAX = torch.finfo(torch.float32).max
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_VALUES = E2M1_MAGNITUDES + tuple(-m for m in E2M1_MAGNITUDES)
 
-
-def _below(v: float) -> float:
-    return torch.nextafter(torch.tensor(v, dtype=torch.float32), torch.tensor(0.0)).item()
-
-
-# Round-to-nearest-even decision points between neighbouring magnitudes. A tie goes to the even index:
-# 0.25 -> 0, 0.75 -> 2, 1.25 -> 2, 1.75 -> 4, 2.5 -> 4, 3.5 -> 6, 5.0 -> 6. `bucketize(a, bounds)` counts the bounds
-# strictly below `a`, so a bound whose tie rounds UP is moved one float below the midpoint.
-_RNE_BOUNDS = (0.25, _below(0.75), 1.25, _below(1.75), 2.5, _below(3.5), 5.0)
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
 
@@ -70,14 +62,14 @@ class NVFP4Tensor:
         """grid value x block scale, without the per-tensor factor. Exact in bf16 (<= 6 significant bits)."""
         m, n = self.shape
         tr, tc = self.tile
-        grid = _table("e2m1", E2M1_VALUES, self.codes.device)
-        vals = grid[self.element_codes().long()]
+        # one lookup per packed byte -> (even value, odd value)
+        pairs = _table("e2m1_pairs", [[E2M1_VALUES[b & 15], E2M1_VALUES[b >> 4]] for b in range(256)],
+                       self.codes.device)
+        vals = torch.nn.functional.embedding(self.codes.long(), pairs).reshape(m, n // tc, tc)
         s = self.scales.to(torch.float32)
-        if tr == 1:
-            vals = vals.reshape(m, n // tc, tc) * s.reshape(m, n // tc, 1)
-        else:
-            vals = vals.reshape(m // tr, tr, n // tc, tc) * s.reshape(m // tr, 1, n // tc, 1)
-        return vals.reshape(m, n).to(dtype)
+        if tr != 1:  # one scale per 16x16 tile -> per 1x16 row block
+            s = s.unsqueeze(1).expand(m // tr, tr, n // tc).reshape(m, n // tc)
+        return (vals * s.unsqueeze(-1)).reshape(m, n).to(dtype)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """grid[code] * float(s) * (amax / 2688), in float32, then cast to `dtype`."""
@@ -97,6 +89,16 @@ def _check_input(x: torch.Tensor, tile: tuple[int, int]) -> tuple[int, int]:
     if n % 16 or m % tile[0]:
         raise ValueError(f"nvfp4.quantize: shape {tuple(x.shape)} is not a multiple of the {tile[0]}x{tile[1]} tile")
     return m, n
+
+
+def _round_e2m1_rne(a: torch.Tensor) -> torch.Tensor:
+    """Index (0..7) of |v| on the E2M1 grid, round to nearest, ties to the even index: the number of decision
+    points below `a` (strict at ties that round down, non-strict at ties that round up). One uint8 pass per point
+    is ~2.5x faster than torch.bucketize on CPU."""
+    idx = torch.gt(a, 0.25).view(torch.uint8)
+    for point, tie_goes_up in ((0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False)):
+        idx += (torch.ge(a, point) if tie_goes_up else torch.gt(a, point)).view(torch.uint8)
+    return idx
 
 
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:
@@ -120,8 +122,18 @@ def quantize(x: torch.Tensor, tile: tuple[int, int] = (1, 16), rounding: str = "
     m, n = _check_input(x, tile)
     if rounding not in ("rne", "stochastic"):
         raise ValueError(f"nvfp4.quantize: rounding must be 'rne' or 'stochastic', got {rounding!r}")
-    xf = x.detach().to(torch.float32)
-    local_amax = tensor_amax(xf)
+    xf = x.detach().to(torch.float32).contiguous()
+    blocks = xf.reshape(m, n // 16, 16)
+    if xf.numel():
+        lo_b, hi_b = torch.aminmax(blocks, dim=-1)  # one pass, no |x| temporary
+        bmax = torch.maximum(hi_b, -lo_b) + 0.0  # max |x| per 1x16 block (+ 0.0: -0.0 becomes +0.0)
+        local_amax = bmax.amax()
+    else:
+        bmax = blocks.new_zeros((m, n // 16))
+        local_amax = torch.zeros((), dtype=torch.float32, device=xf.device)
+    if not torch.isfinite(local_amax):
+        raise ValueError("nvfp4.quantize: input contains NaN or Inf; cannot compute a finite scale "
+                         "(check the loss / gradients for overflow)")
     amax = local_amax if global_amax is None else global_amax.to(torch.float32).reshape(())
     dev = xf.device
 
@@ -134,35 +146,50 @@ def quantize(x: torch.Tensor, tile: tuple[int, int] = (1, 16), rounding: str = "
     sixth = torch.tensor(1.0 / 6.0, dtype=torch.float32, device=dev)
 
     tr, tc = tile
-    ax = xf.abs()
-    if tr == 1:
-        bmax = ax.reshape(m, n // 16, 16).amax(dim=-1)
-    else:
-        bmax = ax.reshape(m // 16, 16, n // 16, 16).amax(dim=(1, 3))
+    if tr != 1:  # 16x16 tiles: max over 16 consecutive row blocks
+        bmax = bmax.reshape(m // 16, 16, n // 16).amax(dim=1)
     scales = torch.clamp(bmax * (g_enc * sixth), -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     enc = torch.clamp(torch.reciprocal(scales.to(torch.float32) * g_dec), max=FP32_MAX)
-    if tr == 1:
-        v = (xf.reshape(m, n // 16, 16) * enc.unsqueeze(-1)).reshape(m, n)
-    else:
-        v = (xf.reshape(m // 16, 16, n // 16, 16) * enc.reshape(m // 16, 1, n // 16, 1)).reshape(m, n)
-    v = torch.clamp(v, -FP4_MAX, FP4_MAX)
-    a = v.abs()
-
-    if rounding == "rne":
-        idx = torch.bucketize(a, _table("rne_bounds", _RNE_BOUNDS, dev), right=False)
-    else:
-        mags = _table("e2m1_mag", E2M1_MAGNITUDES, dev)
-        lo = torch.bucketize(a, mags, right=True) - 1  # largest grid value <= a
-        hi = torch.clamp(lo + 1, max=7)
-        lo_v, hi_v = mags[lo], mags[hi]
-        width = torch.where(hi > lo, hi_v - lo_v, torch.ones_like(a))
-        p_up = (a - lo_v) / width
-        u = torch.rand(a.shape, generator=generator, dtype=torch.float32, device=dev)
-        idx = lo + (u < p_up).to(lo.dtype)
-    codes = idx.to(torch.uint8) | ((v < 0).to(torch.uint8) << 3)
-    codes = codes.reshape(m, n // 2, 2)
-    packed = codes[..., 0] | (codes[..., 1] << 4)
+    if tr != 1:  # one encode factor per row block again
+        enc = enc.unsqueeze(1).expand(m // 16, 16, n // 16).reshape(m, n // 16)
+    u = None
+    if rounding == "stochastic":  # one draw per element, row-major, for the whole tensor (reproducible)
+        u = torch.rand((m, n), generator=generator, dtype=torch.float32, device=dev)
+    packed = torch.empty((m, n // 2), dtype=torch.uint8, device=dev)
+    # the element-wise tail runs on row chunks that stay in cache (~1.5x faster than whole-tensor passes)
+    rows = max(1, _CHUNK_ELEMENTS // n)
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        packed[r0:r1] = _encode_rows(blocks[r0:r1], enc[r0:r1], None if u is None else u[r0:r1])
     return NVFP4Tensor(codes=packed, scales=scales, amax=amax.clone(), shape=(m, n), tile=(tr, tc))
+
+
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _encode_rows(blocks: torch.Tensor, enc: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+    """x blocks [r, n/16, 16] x encode factors [r, n/16] -> packed codes [r, n/2]."""
+    r = blocks.shape[0]
+    v = (blocks * enc.unsqueeze(-1)).reshape(r, -1)
+    v.clamp_(-FP4_MAX, FP4_MAX)
+    a = torch.abs(v)
+    if u is None:
+        idx = _round_e2m1_rne(a)
+    else:
+        # grid spacing is 0.5 below 2, 1 in [2, 4), 2 in [4, 6]: lo = floor(a / step) * step and
+        # p_up = (a - lo) / step are exact in float32 (Sterbenz; power-of-two step), as in the formula
+        step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+        lo = torch.floor(a / step).mul_(step)
+        p_up = (a - lo).div_(step)
+        rounded = torch.where(u < p_up, lo + step, lo)  # on the grid, so the RNE index lookup is exact
+        idx = _round_e2m1_rne(rounded)
+    idx |= (v < 0).view(torch.uint8) << 3
+    # pack pairs: read two codes as one little-endian int16 (b0 + 256 b1) -> b0 | b1 << 4
+    if sys.byteorder == "little":
+        pairs = idx.view(torch.int16)
+        return (pairs | (pairs >> 4)).to(torch.uint8)
+    pairs = idx.reshape(r, -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
 def fake_quantize(x: torch.Tensor, tile=(1, 16), rounding="rne", generator=None, global_amax=None,
