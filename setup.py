@@ -39,7 +39,7 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "megatron-core==0.16.1", "datasets>=3"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "megatron-core==0.16.1", "datasets>=3", "torchao==0.18.0"],
         "bench": ["datatrove==0.10.1", "hojichar==0.18.1", "spacy[ja]", "datasketch"],
         "gpu": ["flash-attn"],
     },
