@@ -1,0 +1,22 @@
+"""Training loop around the parallel engine: config, LR schedules, AdamW, DCP checkpoints, metrics.
+
+    from launch.config import load_config
+    from megatron_ext.train import TrainConfig, train
+    summary = train(load_config(TrainConfig, "configs/tiny.yaml", ["run.dir=runs/x"]))
+
+Names are resolved lazily: importing the package (as `hibari --help` does) does not import torch.
+"""
+
+__all__ = ["TrainConfig", "train"]
+
+
+def __getattr__(name):
+    if name == "train":
+        from megatron_ext.train.loop import train
+
+        return train
+    if name == "TrainConfig":
+        from megatron_ext.train.config import TrainConfig
+
+        return TrainConfig
+    raise AttributeError(name)
