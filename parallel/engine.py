@@ -605,13 +605,22 @@ class Engine:
 
         set_model_state_dict(self._view, state_dict)
 
+    # Flattened optimizer state: keys are per parameter FQN ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr").
+    # Unflattened, `param_groups` is one DCP key shared by all ranks, so under PP (where ranks own different
+    # parameters) only one rank's list would survive and a PP run could not reload its own optimizer state.
+    @classmethod
+    def _optim_options(cls):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(flatten_optimizer_state_dict=True)
+
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self._view, optimizer)
+        return get_optimizer_state_dict(self._view, optimizer, options=self._optim_options())
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_optimizer_state_dict(self._view, optimizer, state_dict)
+        set_optimizer_state_dict(self._view, optimizer, state_dict, options=self._optim_options())
 

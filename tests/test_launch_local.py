@@ -107,10 +107,6 @@ def test_kill_a_rank_resume_and_reshard(runs):
         assert (runs / name / "checkpoints" / "latest").read_text().strip() == "step_00000008"
 
 
-@pytest.mark.xfail(strict=True, reason="parallel.Engine.optimizer_state_dict does not use "
-                   "StateDictOptions(flatten_optimizer_state_dict=True): under PP each rank's param_groups list "
-                   "is saved under the same DCP key and only one rank's survives, so a PP run cannot reload its own "
-                   "optimizer state (KeyError 'betas'); remove this mark when the engine flattens")
 def test_pp2_checkpoint_resumes_bitwise(runs):
     """Bitwise resume at a 2-rank layout: the PP2 run's own (async-saved) step 6 -> steps 7, 8 bit for bit."""
     pp2 = {rec["step"]: rec["loss"] for rec in _metrics(runs / "pp2")}
