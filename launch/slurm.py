@@ -198,11 +198,12 @@ def check_world_size(cfg, data: dict, world_size: int) -> str:
 # submission
 
 
-def find_sbatch() -> str:
+def find_sbatch(alternative: str = "`hibari launch slurm ... --dry-run` prints the batch script without "
+                                    "submitting") -> str:
     path = shutil.which("sbatch")
     if path is None:
         raise HibariError("sbatch not found on PATH: run on a SLURM login node (or add the SLURM client tools to "
-                          "PATH); `hibari launch slurm ... --dry-run` prints the batch script without submitting")
+                          f"PATH); {alternative}")
     return path
 
 

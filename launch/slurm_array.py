@@ -107,11 +107,9 @@ def render_array_script(opts: SlurmArrayOptions, n_elements: int, round_file: Pa
 
 
 def _sbatch() -> str:
-    path = shutil.which("sbatch")
-    if path is None:
-        raise HibariError("sbatch not found on PATH: --executor slurm needs the SLURM client tools (run on a login "
-                          "node), or use --executor local")
-    return path
+    from launch.slurm import find_sbatch
+
+    return find_sbatch(alternative="--executor slurm needs them, or use --executor local")
 
 
 def _submit(script: Path) -> int:
