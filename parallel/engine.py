@@ -484,8 +484,13 @@ class Engine:
                     dist.recv(hidden, peer(owner), group=self._pp_group)
 
     def forward_backward(self, tokens: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None = None,
-                         loss_scale: float = 1.0) -> torch.Tensor:
-        """Mean token CE of this local batch; backward of loss x loss_scale. Returns the unscaled loss (fp32)."""
+                         loss_scale: float = 1.0, sync_grads: bool = True) -> torch.Tensor:
+        """Mean token CE of this local batch; backward of loss x loss_scale. Returns the unscaled loss (fp32).
+
+        `sync_grads=False` on all but the last gradient-accumulation micro-step lets FSDP keep accumulating
+        unsharded local gradients instead of reduce-scattering after every micro-step (one reduction per
+        optimizer step, as Megatron's and TorchTitan's loops do). The pipeline schedule manages this itself.
+        """
         self._check_batch(tokens)
         if self.cfg.pp > 1:
             self._loss_factor = loss_scale
@@ -493,6 +498,8 @@ class Engine:
             self._finalize_grads()
             return loss
         model = self.model_parts[0]
+        if self.uses_fsdp:
+            model.set_requires_gradient_sync(sync_grads)
         tokens, labels = tokens.to(self.device), labels.to(self.device)
         if document_ids is not None:
             document_ids = document_ids.to(self.device)

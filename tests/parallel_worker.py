@@ -67,7 +67,7 @@ def train_run(engine, data, grad_accum: int = GRAD_ACCUM, max_norm: float = MAX_
         for m in range(grad_accum):
             r = slice(m * micro, (m + 1) * micro)
             loss = engine.forward_backward(tok[r, :-1], tok[r, 1:], None if doc is None else doc[r, :-1],
-                                           loss_scale=1.0 / grad_accum)
+                                           loss_scale=1.0 / grad_accum, sync_grads=m == grad_accum - 1)
             step_loss += float(engine.dp_mean(loss)) / grad_accum
         norms.append(engine.clip_grad_norm_(max_norm))
         opt.step()

@@ -238,11 +238,11 @@ def _run(cfg: TrainConfig, model_args, layout, accum: int, info) -> dict:
                 set_lr(optimizer, lr)
                 optimizer.zero_grad(set_to_none=True)
                 micro_losses = []
-                for tokens, labels, docs in micro_batches(train_ds, consumed, t.global_batch_size,
-                                                          t.micro_batch_size, engine.dp_rank, engine.dp_size,
-                                                          device):
+                for micro, (tokens, labels, docs) in enumerate(micro_batches(
+                        train_ds, consumed, t.global_batch_size, t.micro_batch_size, engine.dp_rank,
+                        engine.dp_size, device)):
                     loss = engine.forward_backward(tokens, labels, docs if t.document_mask else None,
-                                                   loss_scale=1.0 / accum)
+                                                   loss_scale=1.0 / accum, sync_grads=micro == accum - 1)
                     micro_losses.append(loss.detach().float())
                 grad_norm = float(engine.clip_grad_norm_(t.grad_clip))
                 optimizer.step()
