@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.filters import (FEATURE_NAMES, NGWordMatcher, normalize_kutoten, num_japanese_letters,
-                                   quality_decision, quality_features, quality_keep, trim_footer)
+                                   quality_decision, quality_features, quality_features_batch, quality_keep,
+                                   trim_footer)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -304,3 +305,53 @@ def test_footer_trimmed_only_in_last_lines():
     line = "最後の段落ですが、サイトという語をひとつだけ含んでいます"  # 3 of 28 characters
     assert trim_footer(body + "\n" + line) == body + "\n" + line
     assert trim_footer(body + "\nサイトマップ") == body  # 3 of 6 characters > 30%
+
+
+# ---------------------------------------------------------------- batch API == per-document API, exactly
+def _assert_batch_equals_per_doc(texts, ng=None):
+    batch = quality_features_batch(texts, ng)
+    assert len(batch) == len(texts)
+    for text, got in zip(texts, batch):
+        want = quality_features(text, ng)
+        assert got == want, repr(text[:80])
+        assert list(got) == list(want)  # same key order (annotate writes the dict as JSON)
+        assert [type(v) for v in got.values()] == [type(v) for v in want.values()]
+
+
+@pytest.mark.skipif(not (SHARED / "quality-agreement" / "corpus_heldout.jsonl").is_file(),
+                    reason="shared/data/quality-agreement not present")
+def test_batch_equals_per_document_on_shared_corpus():
+    path = SHARED / "quality-agreement" / "corpus_heldout.jsonl"
+    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    ng = NGWordMatcher.default()
+    per_doc = [quality_features(t, ng) for t in texts]
+    assert quality_features_batch(texts, ng) == per_doc  # one call: 3,233 documents
+    chunked = [f for i in range(0, len(texts), 100) for f in quality_features_batch(texts[i:i + 100], ng)]
+    assert chunked == per_doc
+    assert sum(f["num_ng_letters"] for f in per_doc) > 0
+
+
+def test_batch_edge_cases():
+    ng = NGWordMatcher.default()
+    assert quality_features_batch([], ng) == []
+    _assert_batch_equals_per_doc([""], ng)
+    _assert_batch_equals_per_doc(["あ"], ng)
+    _assert_batch_equals_per_doc(["", "あ", "", "ab", "abc", "", "x"], ng)
+    _assert_batch_equals_per_doc(["𠮷𠮷𠮷。𠮷𠮷", "a𠮷a𠮷a𠮷\n𠮷", "\U0010ffff" * 12, "\x00\x00\x00a\x00", "\ud800\udc00x"], ng)
+    _assert_batch_equals_per_doc(["あいう" * 400, "ab" * 5000, uniq(50) * 3, "。。！？\n。abc。"], ng)
+    # > 8,191 distinct characters in the batch (wider keys) with a long, highly repetitive document beside them
+    _assert_batch_equals_per_doc([uniq(9000, 0x4E00) + "ab" * 3000, "ab" * 3000 + "c", uniq(300) * 20])
+    # > 65,535 distinct characters in the batch (per-document fallback)
+    wide = "".join(chr(0x20000 + i) for i in range(70000))
+    _assert_batch_equals_per_doc([wide[:40000], wide[30000:] + wide[30000:30010], "あい" * 5])
+
+
+def test_batch_on_random_strings_with_ng_words():
+    rng = random.Random(11)
+    ng = NGWordMatcher(["あ", "あい", "いあい", "漢。", "𠮷あ", "ア\nア", "aa", "a𠮷"])
+    alphabet = ["あ", "い", "ア", "漢", "。", "、", "\n", "…", "a", "𠮷", "\uffff", "\x00", "！", "?", "．"]
+    for _ in range(200):
+        texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(rng.randint(1, 8))]
+        _assert_batch_equals_per_doc(texts, ng)
+        assert ng.num_ng_letters_batch(texts) == [ng.num_ng_letters(t) for t in texts]
+    assert NGWordMatcher([]).num_ng_letters_batch(["abc", ""]) == [0, 0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import ahocorasick
+import numpy as np
 
 from launch.errors import HibariError
 
@@ -46,6 +47,7 @@ class NGWordMatcher:
             self._automaton.add_word(w, len(w))
         if self.words:
             self._automaton.make_automaton()
+        self._starts = None  # lookup tables of num_ng_letters_batch, built on first use
 
     @classmethod
     def from_files(cls, paths) -> "NGWordMatcher":
@@ -76,6 +78,84 @@ class NGWordMatcher:
                 pos = start + length
         return taken
 
+    def num_ng_letters_batch(self, texts: list[str]) -> list[int]:
+        """`[self.num_ng_letters(t) for t in texts]`, exactly, for many texts at once (~4x faster at ~1,000
+        characters per text): numpy finds the few positions where a word can start (a one-character word, a
+        two-character word, or a longer word's first three characters), only those are checked against the word
+        set (longest word first, never past the end of their own text), then the same greedy left-to-right jump."""
+        counts = [0] * len(texts)
+        if not self.words or not texts:
+            return counts
+        if self._starts is None:
+            self._prepare_batch()
+        single, first, second, pair_keys, pair_words, triple_keys, lengths_by_pair, words = self._starts
+        joined = "".join(texts)
+        cp = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        if not len(cp):
+            return counts
+        cand = single[cp]
+        if len(pair_keys) and len(cp) > 1:
+            # cheap table look-ups narrow the positions, then the exact pair test on the few left
+            maybe = np.flatnonzero(first[cp[:-1]] & second[cp[1:]])
+            key = (cp[maybe].astype(np.uint64) << np.uint64(21)) | cp[maybe + 1]
+            maybe = maybe[_isin_sorted(key, pair_keys)]
+            # ... and then: the pair is a word, or the first three characters start a longer word
+            key = (cp[maybe].astype(np.uint64) << np.uint64(21)) | cp[maybe + 1]
+            third = cp[np.minimum(maybe + 2, len(cp) - 1)]  # past the end: a false candidate at worst
+            longer = _isin_sorted((key << np.uint64(21)) | third, triple_keys)
+            cand[maybe[longer | _isin_sorted(key, pair_words)]] = True
+        positions = np.flatnonzero(cand)
+        if not len(positions):
+            return counts
+        ends = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
+        doc_of = np.searchsorted(ends, positions, side="right")
+        pos = 0
+        for p, d in zip(positions.tolist(), doc_of.tolist()):
+            if p < pos:
+                continue
+            limit = int(ends[d]) - p  # a word must end inside its own text
+            longest = 0
+            for length in lengths_by_pair.get(joined[p:p + 2], ()):
+                if length <= limit and joined[p:p + length] in words:
+                    longest = length
+                    break
+            if not longest and joined[p] in words:
+                longest = 1
+            if longest:
+                counts[d] += longest
+                pos = p + longest
+        return counts
+
+    def _prepare_batch(self) -> None:
+        single = np.zeros(0x110000, dtype=bool)
+        lengths: dict[str, set[int]] = {}
+        for w in self.words:
+            if len(w) == 1:
+                single[ord(w)] = True
+            else:
+                lengths.setdefault(w[:2], set()).add(len(w))
+        first = np.zeros(0x110000, dtype=bool)
+        second = np.zeros(0x110000, dtype=bool)
+        for k in lengths:
+            first[ord(k[0])] = True
+            second[ord(k[1])] = True
+
+        def keys(strings):  # up to 3 characters as one integer, 21 bits each
+            out = []
+            for x in strings:
+                key = 0
+                for c in x:
+                    key = (key << 21) | ord(c)
+                out.append(key)
+            return np.array(sorted(set(out)), dtype=np.uint64)
+
+        pair_keys = keys(lengths)
+        pair_words = keys(w for w in self.words if len(w) == 2)
+        triple_keys = keys(w[:3] for w in self.words if len(w) >= 3)
+        lengths_by_pair = {k: sorted(v, reverse=True) for k, v in lengths.items()}
+        self._starts = (single, first, second, pair_keys, pair_words, triple_keys, lengths_by_pair,
+                        frozenset(self.words))
+
     def num_ng_letters(self, text: str) -> int:
         return sum(len(w) for _, w in self.matches(text))
 
@@ -85,3 +165,11 @@ class NGWordMatcher:
 
 
 _DEFAULT: NGWordMatcher | None = None
+
+
+def _isin_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    if not len(sorted_keys):
+        return np.zeros(len(values), dtype=bool)
+    at = np.searchsorted(sorted_keys, values)
+    np.minimum(at, len(sorted_keys) - 1, out=at)
+    return sorted_keys[at] == values

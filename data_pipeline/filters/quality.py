@@ -46,8 +46,17 @@ _RE_SENTENCE = re.compile(r"[^。．！？!?\n]+[。．！？!?]?")
 # characters the per-line sentence regex skips: terminators at a line start or right after another terminator
 _RE_SKIPPED_AT_LINE_START = re.compile(r"(?m)^[。．！？!?]+")
 _RE_TERMINATOR_RUN = re.compile(r"([。．！？!?])[。．！？!?]+")
-_RE_HAS_SKIPPED = re.compile(r"(?m)^[。．！？!?]|[。．！？!?]{2}")
+# whether the two substitutions below change anything; three simple searches are far faster than one `(?m)^...|...`
+# pattern, which defeats the regex engine's first-character scan
+_TERMINATORS = frozenset("。．！？!?")
+_RE_TERMINATOR_AFTER_NEWLINE = re.compile(r"\n[。．！？!?]")
+_RE_TWO_TERMINATORS = re.compile(r"[。．！？!?]{2}")
+_IS_TERMINATOR = np.zeros(0x10000, dtype=bool)
+_IS_TERMINATOR[[ord(c) for c in _TERMINATORS]] = True
 _ELLIPSIS_ENDINGS = ("・", "…")
+# ・ or … then whitespace other than a newline up to a line end: the sentences that end with an ellipsis once
+# stripped (re's \s and str.rstrip agree on what whitespace is)
+_RE_ELLIPSIS_AT_LINE_END = re.compile(r"[・…][^\S\n]*(?=\n|\Z)")
 
 NGRAM_TOP_RANGE = (2, 3, 4)
 NGRAM_DUP_RANGE = (5, 6, 7, 8, 9, 10)
@@ -125,6 +134,12 @@ def _joined_neighbours(cp: np.ndarray) -> np.ndarray:
     k1 = np.ndarray(shape=(n,), dtype=">u8", buffer=pad, strides=(2,)).astype(np.uint64)  # chars 0-3
     k2 = np.ndarray(shape=(n,), dtype=">u8", buffer=pad, offset=8, strides=(2,)).astype(np.uint64)  # 4-7
     k3 = np.ndarray(shape=(n,), dtype=">u4", buffer=pad, offset=16, strides=(2,)).astype(np.uint32)  # 8-9
+    return _joined_from_keys(k1, k2, k3)
+
+
+def _joined_from_keys(k1: np.ndarray, k2: np.ndarray, k3: np.ndarray) -> np.ndarray:
+    """`_joined_neighbours` from each position's characters 0-3 / 4-7 (uint64) and 8-9 (uint32), 16 bits each."""
+    n = len(k1)
     order = np.argsort(k1)
     s1 = k1[order]
     tie = s1[1:] == s1[:-1]
@@ -175,10 +190,14 @@ def ngram_statistics(text: str, cp: np.ndarray | None = None) -> dict[str, float
         for n in NGRAM_DUP_RANGE:
             out[_DUP_KEY[n]] = 0.0
         return out
-    joined = _joined_neighbours(_code_points(text) if cp is None else cp)
+    return _ngram_statistics_from_joined(n_chars, _joined_neighbours(_code_points(text) if cp is None else cp))
+
+
+def _ngram_statistics_from_joined(n_chars: int, joined: np.ndarray) -> dict[str, float]:
+    out: dict[str, float] = {}
     # equal n-grams are contiguous in sorted order, so groups of >= 2 equal n-grams = runs of joined neighbours
-    num_joined = np.count_nonzero(joined, axis=1)
-    num_groups = np.count_nonzero(joined[:, 1:] & ~joined[:, :-1], axis=1) + joined[:, 0]
+    num_joined = joined.sum(axis=1, dtype=np.int32)  # (sum with an int dtype is ~2x faster than count_nonzero)
+    num_groups = (joined[:, 1:] > joined[:, :-1]).sum(axis=1, dtype=np.int32) + joined[:, 0]  # run starts
     for n in NGRAM_TOP_RANGE:
         total = n_chars - n + 1
         if total <= 0:
@@ -252,13 +271,21 @@ def quality_keep(text: str, ng_matcher=None, ng_max_fraction: float = 0.05) -> t
 
 
 def _script_and_sentence_features(text: str, cp: np.ndarray) -> dict[str, float]:
+    if text:
+        counts = np.bincount(_CATEGORY[cp], minlength=6).tolist()
+    else:
+        counts = [0] * 6
+    return _script_and_sentence_from_counts(text, counts)
+
+
+def _script_and_sentence_from_counts(text: str, counts: list[int], has_skipped: bool | None = None
+                                     ) -> dict[str, float]:
+    """Script and sentence features from the per-category character counts of `text` (see `_CATEGORY`);
+    `has_skipped`: whether the text has a terminator at a line start or right after another one (None: look)."""
     f: dict[str, float] = {}
     n_letters = len(text)
     f["num_letters"] = n_letters
-    if n_letters:
-        _, hira, kata, kanji, kuten, toten = np.bincount(_CATEGORY[cp], minlength=6).tolist()
-    else:
-        hira = kata = kanji = kuten = toten = 0
+    _, hira, kata, kanji, kuten, toten = counts
     n_ja = hira + kata + kanji + kuten + toten
     f["num_hiragana_letters"] = hira
     f["num_katakana_letters"] = kata
@@ -274,7 +301,10 @@ def _script_and_sentence_features(text: str, cp: np.ndarray) -> dict[str, float]
     f["japanese_fraction"] = n_ja / n_letters if n_letters else 0.0
 
     sentences = _RE_SENTENCE.findall(text)
-    if _RE_HAS_SKIPPED.search(text):
+    if has_skipped is None:
+        has_skipped = (text and text[0] in _TERMINATORS) or _RE_TERMINATOR_AFTER_NEWLINE.search(text) \
+            or _RE_TWO_TERMINATORS.search(text)
+    if has_skipped:
         paragraphs = _RE_TERMINATOR_RUN.sub(r"\1", _RE_SKIPPED_AT_LINE_START.sub("", text)).split("\n")
     else:
         paragraphs = text.split("\n")
@@ -283,7 +313,8 @@ def _script_and_sentence_features(text: str, cp: np.ndarray) -> dict[str, float]
         lengths = list(map(len, sentences))
         f["avg_sentence_length"] = sum(lengths) / n_sent
         f["max_sentence_length"] = max(lengths)
-        n_ellipsis = sum(1 for s in sentences if s.rstrip().endswith(_ELLIPSIS_ENDINGS))
+        # a sentence whose stripped end is ・ or … has no terminator, so it ends at a line end: count those places
+        n_ellipsis = len(_RE_ELLIPSIS_AT_LINE_END.findall(text)) if "・" in text or "…" in text else 0
     else:
         f["avg_sentence_length"] = 0.0
         f["max_sentence_length"] = 0
@@ -341,3 +372,161 @@ def quality_decision(features: dict, rules: tuple[str, ...] | list[str] | None =
             if features["num_letters"] < max(NGRAM_TOP_RANGE):
                 reasons.append(REASON_SHORTER_THAN_NGRAM)
     return not reasons, reasons
+
+
+# ------------------------------------------------------------------ batches
+_BATCH_DOCS = 4096  # documents per set of numpy calls (bounds the temporary arrays)
+_ZERO_NGRAM_STATISTICS = {**{_TOP_KEY[n]: 0.0 for n in NGRAM_TOP_RANGE}, **{_DUP_KEY[n]: 0.0 for n in NGRAM_DUP_RANGE}}
+
+
+def quality_features_batch(texts, ng_matcher=None) -> list[dict[str, float]]:
+    """`[quality_features(t, ng_matcher) for t in texts]`, exactly (same values, same key order), faster: at ~1,000
+    characters per document per-call overheads dominate, so the script counts, the sentence regexes' fast-path test
+    and the NG-word scan run once over the whole batch; the n-gram statistics stay per document (sorting ~1,000
+    cache-resident keys per document beats one big sort, measured)."""
+    texts = list(texts)
+    out: list[dict[str, float]] = []
+    for start in range(0, len(texts), _BATCH_DOCS):
+        out.extend(_features_batch(texts[start:start + _BATCH_DOCS], ng_matcher))
+    return out
+
+
+def _distinct_uint16(cp: np.ndarray) -> np.ndarray | None:
+    """Characters as distinct values 1..0xFFFF (0 is padding): code point + 1 below U+FFFF, the rest take values
+    that no character of this batch uses (n-gram statistics only depend on which characters are equal). None when
+    the batch has too many distinct characters."""
+    if not len(cp):
+        return None
+    values = cp + 1
+    high = cp >= 0xFFFF
+    if not high.any():
+        return values
+    used = np.zeros(0x10000, dtype=bool)
+    used[values[~high]] = True
+    big, inverse = np.unique(cp[high], return_inverse=True)
+    free = np.flatnonzero(~used[1:])[:len(big)] + 1
+    if len(free) < len(big):
+        return None
+    values[high] = free[inverse]
+    return values
+
+
+def _features_batch(texts: list[str], ng_matcher) -> list[dict[str, float]]:
+    n_docs = len(texts)
+    if not n_docs:
+        return []
+    lens = np.fromiter(map(len, texts), dtype=np.int64, count=n_docs)
+    cp = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    doc_of_char = np.repeat(np.arange(n_docs, dtype=np.int64), lens)
+    counts = np.bincount(doc_of_char * 6 + _CATEGORY[cp], minlength=6 * n_docs).reshape(n_docs, 6).tolist()
+    # terminators at a line start or right after another terminator, per document, in one pass
+    is_term = _IS_TERMINATOR[np.minimum(cp, 0xFFFF)]
+    after = np.empty(len(cp), dtype=bool)
+    if len(cp):
+        after[0] = True
+        np.logical_or(is_term[:-1], cp[:-1] == 10, out=after[1:])
+        doc_start = np.cumsum(lens) - lens
+        after[doc_start[lens > 0]] = True
+    has_skipped = np.zeros(n_docs, dtype=bool)
+    has_skipped[doc_of_char[is_term & after]] = True
+    feats = [_script_and_sentence_from_counts(t, c, h) for t, c, h in zip(texts, counts, has_skipped.tolist())]
+    values = _distinct_uint16(cp)
+    if values is not None:
+        # the n-gram sort keys of every document from one buffer (documents 12 zero characters apart)
+        gap = _MAX_N + 2
+        pad = np.zeros(len(cp) + gap * n_docs, dtype=">u2")
+        pad[np.arange(len(cp)) + gap * doc_of_char] = values
+        span = len(pad) - gap
+        k1 = np.ndarray(shape=(span,), dtype=">u8", buffer=pad, strides=(2,)).astype(np.uint64)
+        k2 = np.ndarray(shape=(span,), dtype=">u8", buffer=pad, offset=8, strides=(2,)).astype(np.uint64)
+        k3 = np.ndarray(shape=(span,), dtype=">u4", buffer=pad, offset=16, strides=(2,)).astype(np.uint32)
+        for f, ngram in zip(feats, _ngram_statistics_keys_batch(k1, k2, k3, lens.tolist(), gap)):
+            f.update(ngram)
+    else:
+        offset = 0
+        for f, text, length in zip(feats, texts, lens.tolist()):
+            f.update(ngram_statistics(text, cp[offset:offset + length]))
+            offset += length
+    if ng_matcher is not None:
+        for f, n_ng in zip(feats, ng_matcher.num_ng_letters_batch(texts)):
+            n_ja = f["num_japanese_letters"]
+            f["num_ng_letters"] = n_ng
+            f["ng_fraction"] = n_ng / n_ja if n_ja > 0 else 0.0
+    return feats
+
+
+def _ngram_statistics_keys_batch(k1, k2, k3, lens: list[int], gap: int) -> list[dict[str, float]]:
+    """`ngram_statistics` of each document of a batch from the sort keys of `_joined_neighbours` (documents `gap`
+    positions apart). Only the sort runs per document (sorting ~1,000 cache-resident keys per document beats one
+    sort of the batch); the neighbour comparisons and counts run once on the concatenated sorted orders, with
+    pairs across two documents masked and per-document segment reductions."""
+    pieces = []
+    start = 0
+    for length in lens:
+        if length >= 2:
+            end = start + length
+            keys = k1[start:end]
+            order = keys.argsort()
+            s1 = keys[order]
+            tie = s1[1:] == s1[:-1]
+            if tie.any():  # order positions sharing a 4-gram by their next 6 characters
+                in_tie = np.zeros(length, dtype=bool)
+                in_tie[1:] = tie
+                in_tie[:-1] |= tie
+                sub = order[in_tie]
+                order[in_tie] = sub[np.lexsort((k3[start:end][sub], k2[start:end][sub], s1[in_tie]))]
+            order += start
+            pieces.append(order)
+        start += length + gap
+    out = []
+    if pieces:
+        order = np.concatenate(pieces)
+        seg_lens = np.array([n for n in lens if n >= 2], dtype=np.int64)
+        seg_start = np.zeros(len(seg_lens), dtype=np.int64)
+        np.cumsum(seg_lens[:-1], out=seg_start[1:])
+        total_n = int(seg_lens.sum())
+        s1 = k1[order]
+        x1 = s1[1:] ^ s1[:-1]
+        s2 = k2[order]
+        x2 = s2[1:] ^ s2[:-1]
+        s3 = k3[order]
+        x3 = s3[1:] ^ s3[:-1]
+        # joined[r, j]: sorted positions j, j+1 of one document share their first r+1 characters; a document's
+        # last column pairs it with the next document and is False
+        joined = np.empty((_MAX_N, total_n), dtype=bool)
+        for row, x in ((0, x1), (4, x2)):
+            for i, bound in enumerate(_BELOW):
+                np.less(x, bound, out=joined[row + i, :-1])
+            np.equal(x, 0, out=joined[row + 3, :-1])
+        np.less(x3, 1 << 16, out=joined[8, :-1])
+        np.equal(x3, 0, out=joined[9, :-1])
+        joined[:, seg_start + seg_lens - 1] = False
+        joined[4:8] &= joined[3]
+        joined[8:] &= joined[7]
+        num_joined = np.add.reduceat(joined, seg_start, axis=1, dtype=np.int32)
+        run_start = np.empty_like(joined)
+        run_start[:, 0] = joined[:, 0]
+        np.greater(joined[:, 1:], joined[:, :-1], out=run_start[:, 1:])
+        num_groups = np.add.reduceat(run_start, seg_start, axis=1, dtype=np.int32)
+        longest = []
+        for n in NGRAM_TOP_RANGE:  # longest run of joined neighbours per document (each ends with a break)
+            breaks = np.flatnonzero(~joined[n - 1])
+            gaps = np.diff(breaks, prepend=-1) - 1
+            longest.append(np.maximum.reduceat(gaps, np.searchsorted(breaks, seg_start)).tolist())
+        num_joined = num_joined.tolist()
+        num_groups = num_groups.tolist()
+    k = 0
+    for n_chars in lens:
+        if n_chars < 2:
+            out.append(dict(_ZERO_NGRAM_STATISTICS))
+            continue
+        f: dict[str, float] = {}
+        for i, n in enumerate(NGRAM_TOP_RANGE):
+            total = n_chars - n + 1
+            f[_TOP_KEY[n]] = (longest[i][k] + 1) / total if total > 0 else 0.0
+        for n in NGRAM_DUP_RANGE:
+            total = n_chars - n + 1
+            f[_DUP_KEY[n]] = num_groups[n - 1][k] / (total - num_joined[n - 1][k]) if total > 0 else 0.0
+        out.append(f)
+        k += 1
+    return out
