@@ -15,12 +15,7 @@ from megatron_ext.precision import nvfp4
 from megatron_ext.precision.hadamard import apply_rht, random_signs, rht_matrix, sylvester_hadamard
 from megatron_ext.precision.nvfp4_reference import E4M3_POSITIVE, dequantize_reference, quantize_reference
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # With a tensor amax of 2688 the global encode scale is exactly 1, and a tile whose max is 6 gets block scale 1, so

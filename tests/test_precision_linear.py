@@ -14,13 +14,7 @@ from megatron_ext.precision import fp8, nvfp4
 from megatron_ext.precision.hadamard import apply_rht
 from megatron_ext.precision.linear import RECIPES, quantized_linear
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP spin-waiting on a shared 2-core CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = dict(vocab_size=128, dim=64, n_layers=4, n_heads=4, ffn_hidden_dim=128, max_seq_len=64)
