@@ -134,7 +134,7 @@ def test_errors_before_start(tmp_path, cfg):
     blocker.write_text("x")
     with pytest.raises(HibariError, match="output dir"):
         run_clean(str(warc), str(blocker / "sub"), cfg, show_progress=False)
-    with pytest.raises(HibariError, match="not available yet"):
+    with pytest.raises(HibariError, match="executor='slurm' needs a runner"):
         run_clean(str(warc), str(tmp_path / "out"), cfg, executor="slurm", show_progress=False)
     cfg.ngword.paths = [str(tmp_path / "missing-ng.txt")]
     with pytest.raises(HibariError, match="ngword.paths"):

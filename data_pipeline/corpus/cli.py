@@ -34,15 +34,10 @@ def _register_own_commands(sub) -> None:
                        help="config override, e.g. extract.extractor=resiliparse (repeatable)")
     clean.add_argument("--snapshot", default=None,
                        help="snapshot name for all inputs (default: warcinfo isPartOf / file name / unknown)")
-    clean.add_argument("--executor", choices=("local", "slurm"), default="local",
-                       help="local: process pool here; slurm: SLURM array job (see --slurm-* options)")
     clean.add_argument("--quiet", action="store_true", help="no progress display")
-    try:
-        from launch.slurm_array import add_slurm_executor_arguments
-    except ImportError:  # the SLURM executor has not landed in this checkout
-        pass
-    else:
-        add_slurm_executor_arguments(clean, with_executor_choice=False)
+    from launch.slurm_array import add_slurm_executor_arguments
+
+    add_slurm_executor_arguments(clean)  # --executor local|slurm and the --slurm-* options
     clean.set_defaults(func=_clean)
 
     annotate = sub.add_parser("annotate", help="add Swallow quality/NG-word features and keep/reasons to JSONL")
@@ -66,14 +61,9 @@ def _clean(args) -> int:
     cfg = load_config(CleanConfig, args.config, overrides)
     if args.snapshot:
         cfg.snapshot = args.snapshot
-    runner = None
-    if args.executor == "slurm":
-        try:
-            from launch.slurm_array import make_runner
-        except ImportError:
-            make_runner = None
-        if make_runner is not None:
-            runner = make_runner(args)
+    from launch.slurm_array import make_runner
+
+    runner = make_runner(args)
     report = run_clean(args.input, args.output, cfg, workers=args.workers, executor=args.executor,
                        show_progress=not args.quiet, runner=runner)
     print(f"corpus clean: {report['documents_written']:,} documents in {report['shards']} shard(s) -> "

@@ -90,8 +90,8 @@ def run_clean(input_glob, output_dir: str, cfg: CleanConfig, workers: int = 1, e
 
     `runner` has `run_local`'s signature (e.g. `launch.slurm_array.make_runner(args)` for --executor slurm)."""
     if executor == "slurm" and runner is None:
-        raise HibariError("--executor slurm: not available yet (the SLURM array executor lands with the SLURM "
-                          "issue); use --executor local")
+        raise HibariError("executor='slurm' needs a runner: pass runner=launch.slurm_array.make_runner(args) "
+                          "(the CLI does), or use executor='local'")
     if executor not in ("local", "slurm"):
         raise HibariError(f"--executor {executor!r}: expected local or slurm")
     if workers < 1:
