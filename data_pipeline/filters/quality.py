@@ -137,18 +137,25 @@ def _joined_neighbours(cp: np.ndarray) -> np.ndarray:
     return _joined_from_keys(k1, k2, k3)
 
 
-def _joined_from_keys(k1: np.ndarray, k2: np.ndarray, k3: np.ndarray) -> np.ndarray:
-    """`_joined_neighbours` from each position's characters 0-3 / 4-7 (uint64) and 8-9 (uint32), 16 bits each."""
-    n = len(k1)
+def _prefix_order(k1: np.ndarray, k2: np.ndarray, k3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ordered by their 10-character prefix, and their sorted characters 0-3: one integer sort on
+    characters 0-3, then only the positions sharing a 4-gram re-sorted by characters 4-9."""
     order = np.argsort(k1)
     s1 = k1[order]
     tie = s1[1:] == s1[:-1]
-    if tie.any():  # order positions sharing a 4-gram by their next 6 characters
-        in_tie = np.zeros(n, dtype=bool)
+    if tie.any():
+        in_tie = np.zeros(len(k1), dtype=bool)
         in_tie[1:] = tie
         in_tie[:-1] |= tie
         sub = order[in_tie]
-        order[in_tie] = sub[np.lexsort((k3[sub], k2[sub], k1[sub]))]
+        order[in_tie] = sub[np.lexsort((k3[sub], k2[sub], s1[in_tie]))]
+    return order, s1
+
+
+def _joined_from_keys(k1: np.ndarray, k2: np.ndarray, k3: np.ndarray) -> np.ndarray:
+    """`_joined_neighbours` from each position's characters 0-3 / 4-7 (uint64) and 8-9 (uint32), 16 bits each."""
+    n = len(k1)
+    order, s1 = _prefix_order(k1, k2, k3)
     x1 = s1[1:] ^ s1[:-1]
     s2 = k2[order]
     x2 = s2[1:] ^ s2[:-1]
@@ -465,16 +472,7 @@ def _ngram_statistics_keys_batch(k1, k2, k3, lens: list[int], gap: int) -> list[
     for length in lens:
         if length >= 2:
             end = start + length
-            keys = k1[start:end]
-            order = keys.argsort()
-            s1 = keys[order]
-            tie = s1[1:] == s1[:-1]
-            if tie.any():  # order positions sharing a 4-gram by their next 6 characters
-                in_tie = np.zeros(length, dtype=bool)
-                in_tie[1:] = tie
-                in_tie[:-1] |= tie
-                sub = order[in_tie]
-                order[in_tie] = sub[np.lexsort((k3[start:end][sub], k2[start:end][sub], s1[in_tie]))]
+            order, _ = _prefix_order(k1[start:end], k2[start:end], k3[start:end])
             order += start
             pieces.append(order)
         start += length + gap
