@@ -9,7 +9,7 @@ setup(
     version="0.1.0",
     description="Distributed continual pretraining of Llama/Mistral models on Japanese web data",
     python_requires=">=3.11",
-    packages=find_packages(include=["megatron_ext*", "data_pipeline*", "parallel*", "checkpoints*", "launch*"]),
+    packages=find_packages(include=["hibari*", "megatron_ext*", "data_pipeline*", "parallel*", "checkpoints*", "launch*"]),
     include_package_data=True,
     package_data={
         "": ["*.yaml", "*.txt", "*.json", "*.zst", "*.model"],

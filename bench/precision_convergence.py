@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.quantize import write_section
-from launch.progress import progress_bar
+from hibari.progress import progress_bar
 from megatron_ext.models import ModelArgs, Transformer
 from megatron_ext.precision import PrecisionConfig, PrecisionSchedule, apply_precision
 

@@ -63,7 +63,7 @@ def bench_tokenize(mb: float, tmp: Path, threads: int) -> dict:
     import sentencepiece as spm
 
     from data_pipeline.indexed.tokenize import tokenize_corpus
-    from data_pipeline.io import write_jsonl
+    from hibari.io import write_jsonl
     from data_pipeline.tokenizer.spm import train_tokenizer
 
     texts, source = load_texts()
@@ -77,7 +77,7 @@ def bench_tokenize(mb: float, tmp: Path, threads: int) -> dict:
             size += len(t.encode("utf-8"))
     write_jsonl(tmp / "corpus.jsonl.zst", ({"text": t} for t in corpus))
     sp = spm.SentencePieceProcessor(model_file=str(tmp / "tok" / "tokenizer.model"))
-    from data_pipeline.io import read_jsonl
+    from hibari.io import read_jsonl
 
     raw_times, read_times, hib_times = [], [], []
     n_tokens = 0

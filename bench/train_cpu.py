@@ -40,7 +40,7 @@ def bench_overrides(steps: int) -> list[str]:
 
 
 def hibari_tokens_per_s(steps: int, skip: int, workdir: Path) -> tuple[float, dict]:
-    from launch.config import load_config
+    from hibari.config import load_config
     from megatron_ext.train.config import TrainConfig
     from megatron_ext.train.loop import train
     from megatron_ext.train.metrics import read_metrics
@@ -152,7 +152,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="hibari-bench-"))
     e2e, _ = hibari_tokens_per_s(args.steps, args.skip, work)
     print(f"hibari train (end to end): {e2e:,.0f} tok/s", flush=True)
-    from launch.config import load_config
+    from hibari.config import load_config
     from megatron_ext.train.config import TrainConfig
 
     cfg = load_config(TrainConfig, TINY, ["run.dir=unused", *bench_overrides(args.steps)])

@@ -17,7 +17,7 @@ from checkpoints.hf_mapping import (expected_shapes, hf_config_from_model_args, 
 from checkpoints.hibari_ckpt import (iter_model_tensors, prepare_output_dir, read_model_json,
                                      save_model_state_streaming, tensor_metadata, write_model_json)
 from checkpoints.safetensors_io import open_hf_weights, parse_size, save_sharded
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")

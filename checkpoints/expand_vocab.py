@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 HF_EMBED = "model.embed_tokens.weight"
 HF_HEAD = "lm_head.weight"

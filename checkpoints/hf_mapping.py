@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 from megatron_ext.models.llama import ModelArgs, RopeScaling
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}

@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 from megatron_ext.models.llama import ModelArgs, Transformer, rope_inv_freq
 
 MODEL_JSON = "hibari_model.json"

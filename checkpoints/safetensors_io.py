@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 
 import torch
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

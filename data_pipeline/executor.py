@@ -2,7 +2,7 @@
 
 A task is a picklable top-level function plus arguments and a stable `task_id`. When a task finishes, its stats
 are written atomically to `STATE_DIR/done/<task_id>.json`; a rerun skips tasks with a marker, so a killed job
-resumes where it stopped. Task functions must themselves write outputs atomically (see `data_pipeline.io`).
+resumes where it stopped. Task functions must themselves write outputs atomically (see `hibari.io`).
 The SLURM array executor (launch/) uses the same markers, so local and SLURM runs are interchangeable.
 """
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from data_pipeline.io import atomic_write
-from launch.errors import HibariError
-from launch.progress import progress_bar
+from hibari.io import atomic_write
+from hibari.errors import HibariError
+from hibari.progress import progress_bar
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 # group name -> module providing `register(subparsers)`
 COMMAND_GROUPS: dict[str, str] = {

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
@@ -208,7 +208,7 @@ class Demo:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from launch.progress import progress_bar
+        from hibari.progress import progress_bar
 
         config = LlamaConfig.from_json_file(str(DEMO_DATA / "base_model_config.json"))
         config.vocab_size = _sp_vocab_size(tok)
@@ -432,7 +432,7 @@ def generate(hf_dir: Path, prompts: list[str], max_new_tokens: int, desc: str = 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launch.progress import progress_bar
+    from hibari.progress import progress_bar
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
@@ -460,7 +460,7 @@ def write_report(workdir: Path, results: dict, step_log: list[Step]) -> list[Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from launch.progress import progress_bar
+    from hibari.progress import progress_bar
 
     files: list[Path] = []
     c, tk, tr = results["corpus"], results["tokenizer"], results["train"]

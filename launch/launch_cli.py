@@ -36,13 +36,13 @@ def register(subparsers) -> None:
 
 
 def _local(args) -> int:
-    from launch.config import load_config
+    from hibari.config import load_config
     from launch.local import launch_local
     from megatron_ext.train.config import TrainConfig
     from megatron_ext.train.loop import plan
 
     if args.nproc < 1:
-        from launch.errors import HibariError
+        from hibari.errors import HibariError
 
         raise HibariError(f"--nproc {args.nproc}: expected a positive number of processes")
     cfg = load_config(TrainConfig, args.config, args.overrides)

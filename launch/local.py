@@ -13,7 +13,7 @@ import signal
 import sys
 import uuid
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 
 class LaunchFailed(HibariError):

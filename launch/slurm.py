@@ -33,11 +33,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.errors import HibariError
+from hibari.env import SLURM_PORT_BASE, SLURM_PORT_SPAN
+from hibari.errors import HibariError
+from hibari.slurm import TERMINAL_STATES, find_sbatch, job_state, one_line, submit_script  # noqa: F401
+from hibari.io import write_json
 
-# must match parallel.dist (SLURM_PORT_BASE, SLURM_PORT_SPAN); tests check that they agree
-MASTER_PORT_BASE = 15000
-MASTER_PORT_SPAN = 20000
+MASTER_PORT_BASE, MASTER_PORT_SPAN = SLURM_PORT_BASE, SLURM_PORT_SPAN  # the one rule, in hibari.env
 DEFAULT_SIGNAL_SECONDS = 120  # preemption warning: time to finish a step and write a checkpoint
 
 # environment defaults for the ranks; `${VAR:-default}` so the cluster's own settings win
@@ -160,7 +161,7 @@ exec {py} -m launch.slurm finish --log-dir "$HIBARI_SLURM_LOG_DIR" --srun-rc "$S
 
 def load_train_config(config: str, overrides: list[str]):
     """(validated TrainConfig, raw dict with the overrides applied). One-line error on a bad config."""
-    from launch.config import apply_overrides, read_yaml, validate
+    from hibari.config import apply_overrides, read_yaml, validate
 
     data = apply_overrides(read_yaml(config), overrides)
     try:
@@ -196,50 +197,6 @@ def check_world_size(cfg, data: dict, world_size: int) -> str:
 
 # --------------------------------------------------------------------------------------------------------------
 # submission
-
-
-def find_sbatch(alternative: str = "`hibari launch slurm ... --dry-run` prints the batch script without "
-                                    "submitting") -> str:
-    path = shutil.which("sbatch")
-    if path is None:
-        raise HibariError("sbatch not found on PATH: run on a SLURM login node (or add the SLURM client tools to "
-                          f"PATH); {alternative}")
-    return path
-
-
-def one_line(text: str) -> str:
-    """SLURM's message as one line: its `error:` lines, else its last non-empty line."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower()]
-    picked = errors or lines[-1:]
-    return " / ".join(picked) if picked else "(no output)"
-
-
-def submit_script(script_path: Path, extra_args: list[str] | None = None) -> int:
-    """`sbatch --parsable SCRIPT` -> job id. SLURM's complaint becomes one HibariError line."""
-    sbatch = find_sbatch()
-    proc = subprocess.run([sbatch, "--parsable", *(extra_args or []), str(script_path)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise HibariError(f"sbatch rejected {script_path.name}: {one_line(proc.stderr + proc.stdout)}")
-    out = proc.stdout.strip().splitlines()
-    try:
-        return int(out[-1].split(";")[0])
-    except (IndexError, ValueError):
-        raise HibariError(f"sbatch: unexpected output {proc.stdout.strip()!r} (expected a job id)") from None
-
-
-TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                   "DEADLINE")
-
-
-def job_state(job_id: int) -> str | None:
-    """The controller's JobState for the job (None once it has been purged, i.e. long finished)."""
-    proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return None
-    fields = dict(kv.split("=", 1) for kv in proc.stdout.split() if "=" in kv)
-    return fields.get("JobState", "")
 
 
 def wait_for_job(job_id: int, poll_seconds: float = 1.0) -> str | None:
@@ -317,7 +274,7 @@ def rank_main(cmd: list[str]) -> int:
               "cpu_s": round(cpu_s, 2), "signals_received": [_signal_name(s) for s in received]}
     if rc == 0:
         if signal.SIGUSR1 in received:  # stopped (checkpointed) after a preemption warning
-            _write_json(log_dir / _PREEMPTED.format(rank=rank), record)
+            write_json(log_dir / _PREEMPTED.format(rank=rank), record)
         return 0
     if rc < 0:
         record.update(signal=_signal_name(-rc), exit_code=128 - rc)
@@ -325,16 +282,12 @@ def rank_main(cmd: list[str]) -> int:
         record.update(exit_code=rc)
     # ended because SLURM stopped the step (another rank failed, cancel, time limit): not the first failure
     record["terminated_by_slurm"] = any(s in (signal.SIGTERM, signal.SIGINT) for s in received)
-    _write_json(log_dir / _FAILED.format(rank=rank), record)
+    write_json(log_dir / _FAILED.format(rank=rank), record)
     how = f"was killed by {record['signal']}" if rc < 0 else f"exited with code {rc}"
     print(f"hibari: rank {rank} on {host} {how}", file=sys.stderr, flush=True)
     return record["exit_code"]
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def first_failure(log_dir: Path) -> dict | None:
@@ -367,7 +320,7 @@ def finish_main(log_dir: Path, srun_rc: int, requeue: bool) -> int:
     preempted = sorted(Path(log_dir).glob("preempted-rank-*.json"))
     failure = first_failure(log_dir)
     def outcome(what: str, **extra) -> None:
-        _write_json(Path(log_dir) / OUTCOME, {"outcome": what, "srun_rc": srun_rc, **extra})
+        write_json(Path(log_dir) / OUTCOME, {"outcome": what, "srun_rc": srun_rc, **extra})
 
     if srun_rc == 0 and preempted:
         if not requeue:
@@ -457,7 +410,7 @@ def _launch_slurm(args) -> int:
         print(script)
         return 0
     find_sbatch()  # before writing anything
-    from launch.config import dump_config
+    from hibari.config import dump_config
 
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
     if cfg is not None:

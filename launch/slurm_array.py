@@ -36,7 +36,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
+from hibari.io import write_json
+from hibari.slurm import find_sbatch, submit_script
 
 FAILED_DIR = "failed"
 SLURM_DIR = "slurm"
@@ -106,22 +108,8 @@ def render_array_script(opts: SlurmArrayOptions, n_elements: int, round_file: Pa
 # SLURM calls
 
 
-def _sbatch() -> str:
-    from launch.slurm import find_sbatch
-
-    return find_sbatch(alternative="--executor slurm needs them, or use --executor local")
-
-
 def _submit(script: Path) -> int:
-    from launch.slurm import one_line
-
-    proc = subprocess.run([_sbatch(), "--parsable", str(script)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise HibariError(f"sbatch rejected {script.name}: {one_line(proc.stderr + proc.stdout)}")
-    try:
-        return int(proc.stdout.strip().splitlines()[-1].split(";")[0])
-    except (IndexError, ValueError):
-        raise HibariError(f"sbatch: unexpected output {proc.stdout.strip()!r} (expected a job id)") from None
+    return submit_script(script, alternative="--executor slurm needs them, or use --executor local")
 
 
 def array_active(job_id: int) -> int | None:
@@ -145,7 +133,7 @@ def run_slurm(tasks: list, state_dir: str | Path, workers: int = 1, desc: str = 
     Same contract as `run_local` (`workers` is accepted for drop-in use and ignored: SLURM decides parallelism).
     """
     from data_pipeline.executor import is_done, load_done
-    from launch.progress import progress_bar
+    from hibari.progress import progress_bar
 
     opts = options or SlurmArrayOptions()
     ids = [t.task_id for t in tasks]
@@ -154,7 +142,7 @@ def run_slurm(tasks: list, state_dir: str | Path, workers: int = 1, desc: str = 
     state = Path(state_dir).resolve()
     stage_dir = state / SLURM_DIR / stage_name(desc, ids)
     (stage_dir / "logs").mkdir(parents=True, exist_ok=True)
-    _write_json(stage_dir / "manifest.json", {"desc": desc, "task_ids": ids})
+    write_json(stage_dir / "manifest.json", {"desc": desc, "task_ids": ids})
     jobs_file = stage_dir / "jobs.json"
     jobs: list[int] = json.loads(jobs_file.read_text()) if jobs_file.is_file() else []
 
@@ -196,7 +184,7 @@ def run_slurm(tasks: list, state_dir: str | Path, workers: int = 1, desc: str = 
             script.write_text(render_array_script(opts, n_elements, round_file, stage_dir / "logs", Path.cwd()))
             job_id = _submit(script)
             jobs.append(job_id)
-            _write_json(jobs_file, jobs)
+            write_json(jobs_file, jobs)
             rounds += 1
             wait(job_id)
     missing = [tid for tid in ids if not is_done(state, tid)]
@@ -221,14 +209,10 @@ def _write_round(stage_dir: Path, k: int, pending: list, opts: SlurmArrayOptions
     meta = {"state_dir": str(state), "tasks_pickle": str(pkl), "sys_path": [p for p in sys.path if p],
             "ranges": [[r.start, r.stop] for r in ranges], "task_ids": [t.task_id for t in pending]}
     path = stage_dir / f"round-{k:03d}.json"
-    _write_json(path, meta)
+    write_json(path, meta)
     return path
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _read_failure(state: Path, task_id: str) -> dict:
@@ -269,7 +253,7 @@ def element_main(round_file: Path, index: int) -> int:
             msg = str(err) if isinstance(err, HibariError) else f"{type(err).__name__}: {err}"
             path = failed_path(state, task.task_id)
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_json(path, {"task_id": task.task_id, "error": msg, "host": host, "array_element": job,
+            write_json(path, {"task_id": task.task_id, "error": msg, "host": host, "array_element": job,
                                "log": log, "time": time.time(), "traceback": traceback.format_exc()[-4000:]})
             print(f"hibari: task {task.task_id} failed: {msg}", flush=True)
             traceback.print_exc()
@@ -372,7 +356,7 @@ def make_runner(args):
     """`run_local` or a `run_slurm` with the command line's options: both take (tasks, state_dir, workers, ...)."""
     if getattr(args, "executor", "local") == "slurm":
         opts = slurm_options_from_args(args)
-        _sbatch()  # fail before any work when the client tools are missing
+        find_sbatch("--executor slurm needs them, or use --executor local")  # fail before any work
 
         def runner(tasks, state_dir, workers=1, desc="tasks", show_progress=True):
             return run_slurm(tasks, state_dir, workers, desc=desc, show_progress=show_progress, options=opts)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from launch.config import StrictModel
+from hibari.config import StrictModel
 
 
 class ParallelConfig(StrictModel):

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 from megatron_ext.models.llama import ModelArgs, Transformer, rope_inv_freq
 from parallel.config import ParallelConfig
 from parallel.dist import DistInfo

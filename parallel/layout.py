@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 from parallel.config import ParallelConfig
 
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")

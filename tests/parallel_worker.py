@@ -143,7 +143,7 @@ def free_slurm_port() -> int:
     """A free port that parallel.dist derives from some SLURM job id (15000 + job id % 20000)."""
     import random
 
-    from parallel.dist import SLURM_PORT_BASE, SLURM_PORT_SPAN
+    from hibari.env import SLURM_PORT_BASE, SLURM_PORT_SPAN
 
     rng = random.Random(os.getpid())
     for _ in range(100):
@@ -160,7 +160,7 @@ def free_slurm_port() -> int:
 def run_layouts(rank: int, world: int, port: int, layouts: list[dict], out_dir: str, env_style: str) -> None:
     """Entry point of every spawned rank: builds each layout in turn, trains, records."""
     if env_style == "slurm":  # what srun sets: parallel.dist must find rank, world and the master from it
-        from parallel.dist import SLURM_PORT_BASE
+        from hibari.env import SLURM_PORT_BASE
 
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(name, None)

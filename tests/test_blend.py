@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from data_pipeline.indexed.writer import IndexedDatasetBuilder
-from launch.config import validate
-from launch.errors import ConfigError, HibariError
+from hibari.config import validate
+from hibari.errors import ConfigError, HibariError
 from megatron_ext.data import (IndexedDataConfig, IndexedDataset, build_indexed_datasets, check_vocab_fits,
                                recorded_vocab_size, split_document_ranges)
 from megatron_ext.data.blended import build_blending_indices

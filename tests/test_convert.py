@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from checkpoints.convert import hf_to_hibari, hibari_to_hf
 from checkpoints.hibari_ckpt import load_hibari
 from hf_models import VARIANTS, save_hf_model
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 
 def _hf_tensors(d):

@@ -19,8 +19,8 @@ from corpus_warc_fixtures import (ARTICLES, article_html, boilerplate_html, engl
 from data_pipeline.corpus.config import CleanConfig
 from data_pipeline.corpus.pipeline import run_clean
 from data_pipeline.corpus.warc import split_http
-from data_pipeline.io import read_jsonl, write_jsonl
-from launch.errors import HibariError
+from hibari.io import read_jsonl, write_jsonl
+from hibari.errors import HibariError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

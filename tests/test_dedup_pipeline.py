@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from data_pipeline.dedup.pipeline import DedupConfig, run_dedup
-from data_pipeline.io import read_jsonl, write_jsonl
-from launch.errors import HibariError
+from hibari.io import read_jsonl, write_jsonl
+from hibari.errors import HibariError
 
 KANJI = [chr(c) for c in range(0x4E00, 0x4E00 + 2000)] + [chr(c) for c in range(0x3041, 0x3097)]
 SNAPS = {"CC-MAIN-2023-14": "2023-03-25T10:00:00Z", "CC-MAIN-2023-23": "2023-06-02T08:30:00Z"}

@@ -124,7 +124,7 @@ def test_english_corpus():
 # ----------------------------------------------------------------------------------------------------------------
 def test_missing_command_stops_with_one_line(tmp_path):
     from launch.demo import Demo, Step, prepare_workdir
-    from launch.errors import HibariError
+    from hibari.errors import HibariError
 
     prepare_workdir(tmp_path / "w")
     demo = Demo(tmp_path / "w", steps=4, quick=True, layout="dp2tp2", nproc=4, preempt=True, workers=1)
@@ -137,7 +137,7 @@ def test_missing_command_stops_with_one_line(tmp_path):
 
 def test_workdir_not_made_by_demo_is_never_wiped(tmp_path):
     from launch.demo import prepare_workdir
-    from launch.errors import HibariError
+    from hibari.errors import HibariError
 
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(HibariError, match="not made by `hibari demo`"):

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tokenizer_utils import english_lines, japanese_lines, make_base_tokenizer, write_corpus  # noqa: E402
 
 from launch.cli import main as hibari  # noqa: E402
-from launch.errors import HibariError  # noqa: E402
+from hibari.errors import HibariError  # noqa: E402
 
 
 def _tiny_llama(out: Path, vocab_size: int, tied: bool) -> Path:

@@ -15,7 +15,7 @@ from tokenizer_utils import english_lines, japanese_lines, make_base_tokenizer, 
 
 from data_pipeline.indexed.writer import IndexedDatasetBuilder, merge_datasets  # noqa: E402
 from launch.cli import main as hibari  # noqa: E402
-from launch.errors import HibariError  # noqa: E402
+from hibari.errors import HibariError  # noqa: E402
 from megatron_ext.data.indexed_dataset import IndexedDataset, token_dtype_for_vocab  # noqa: E402
 
 

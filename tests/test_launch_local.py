@@ -88,7 +88,7 @@ def runs(tmp_path_factory):
                                env=_env(), timeout=400)
             assert r.returncode == 0, r.stderr[-3000:]
         else:
-            from launch.config import load_config
+            from hibari.config import load_config
             from megatron_ext.train.config import TrainConfig
             from megatron_ext.train.loop import train
 

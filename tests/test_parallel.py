@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 from megatron_ext.models.llama import Transformer
 from megatron_ext.precision.config import PrecisionConfig
 from parallel import DistInfo, Engine, ParallelConfig, init_distributed, peak_flops, validate_layout
-from parallel.dist import first_slurm_host, resolve_env
+from hibari.env import first_slurm_host, resolve_env
 from parallel.engine import last_stage_owner, local_stage_ids, stage_layer_ids
 from parallel_worker import SEED, make_data, tiny_args, train_run
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from launch.config import validate
-from launch.errors import ConfigError, HibariError
+from hibari.config import validate
+from hibari.errors import ConfigError, HibariError
 from megatron_ext.models import ModelArgs, Transformer
 from megatron_ext.precision import (PrecisionConfig, PrecisionSchedule, QuantizedLinear, apply_precision,
                                     quantized_block_names)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
@@ -227,7 +227,7 @@ def record_execution(log: str, task_id: str) -> None:
 
 def write_shard(index: int, out_dir: str, log: str, fail_until: str | None = None) -> dict:
     """A corpus-like task: one output shard per index. `fail_until`: fail while that file is absent... once."""
-    from data_pipeline.io import write_jsonl
+    from hibari.io import write_jsonl
 
     record_execution(log, f"s{index}")
     if fail_until is not None:
@@ -264,7 +264,7 @@ def test_array_job_over_warc_files_equals_local_executor(slurm_cluster, tmp_path
     from data_pipeline.corpus.config import CleanConfig
     from data_pipeline.corpus.pipeline import clean_shard
     from data_pipeline.executor import Task, run_local
-    from data_pipeline.io import read_jsonl
+    from hibari.io import read_jsonl
     from launch.slurm_array import SlurmArrayOptions, run_slurm
 
     (tmp_path / "in").mkdir()

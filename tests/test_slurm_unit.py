@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 from launch.slurm import (MASTER_PORT_BASE, MASTER_PORT_SPAN, SlurmJobSpec, describe_failure, finish_main,
                           first_failure, one_line, render_sbatch)
 from launch.slurm_array import SlurmArrayOptions, render_array_script, split_ranges, stage_name, status_summary
@@ -68,8 +68,8 @@ def test_cpu_cluster_tasks_per_node_and_no_requeue(tmp_path):
     assert not any("gpus-per-node" in ln or "--signal=" in ln for ln in lines)
 
 
-def test_master_port_formula_matches_parallel_dist():
-    from parallel import dist
+def test_master_port_formula_matches_hibari_env():
+    from hibari import env as dist
 
     assert (MASTER_PORT_BASE, MASTER_PORT_SPAN) == (dist.SLURM_PORT_BASE, dist.SLURM_PORT_SPAN)
     script = render_sbatch(SlurmJobSpec(nodes=1, tasks_per_node=1), Path("/r"), ["true"], Path("/w"))

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tokenizer_utils import english_lines, japanese_lines, make_base_tokenizer, write_corpus  # noqa: E402
 
 from launch.cli import main as hibari  # noqa: E402
-from launch.errors import HibariError  # noqa: E402
+from hibari.errors import HibariError  # noqa: E402
 
 EDGE_TEXTS = ["  leading spaces", "trailing space ", "tab\tand\nnewline", "東京 と 京都\n\n改行", "絵文字😀と鬱",
               "ＡＢＣ全角と半角ｶﾅ", "12345 digits", " ", "mixed English と日本語 text."]
@@ -104,7 +104,7 @@ def test_expand_chars_per_token_on_shared_japanese_sample(trained, tmp_path):
     # real CC-derived Japanese documents: HF ids == SentencePiece ids for the merged tokenizer
     web = sample.parents[1] / "ja-web-text" / "fineweb2-edu-japanese-100" / "fineweb_100_samples.jsonl"
     if web.is_file():
-        from data_pipeline.io import read_jsonl
+        from hibari.io import read_jsonl
 
         docs = [r["text"] for r in read_jsonl(web)]
         assert len(docs) == 100

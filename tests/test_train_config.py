@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import load_config
-from launch.errors import HibariError
+from hibari.config import load_config
+from hibari.errors import HibariError
 from megatron_ext.train.config import TrainConfig
 from megatron_ext.train.loop import plan
 

@@ -87,7 +87,7 @@ def test_init_from_converted_hf_model_matches_hf_loss(tmp_path):
     assert diff <= 1e-5 and moved > 1e-4  # exported = trained weights, which moved away from the init
 
     # a converted model has no optimizer state: asking for it is a one-line error
-    from launch.errors import HibariError
+    from hibari.errors import HibariError
 
     bad = tiny_cfg(tmp_path / "run2", model=None, init={"from": str(tmp_path / "base"), "load_optimizer": True})
     with pytest.raises(HibariError, match="no optimizer state"):

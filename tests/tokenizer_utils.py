@@ -58,7 +58,7 @@ def make_base_tokenizer(out_dir: Path, vocab_size: int = 420) -> Path:
 
 
 def write_corpus(path: Path, texts: list[str]) -> Path:
-    from data_pipeline.io import write_jsonl
+    from hibari.io import write_jsonl
 
     write_jsonl(path, ({"id": f"doc-{i}", "text": t} for i, t in enumerate(texts)))
     return path

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launch.config import validate
+from hibari.config import validate
 
 TINY_MODEL = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=64, max_seq_len=64)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_pipeline.io import read_jsonl, write_jsonl
-from launch.errors import HibariError
-from launch.progress import progress_bar
+from hibari.io import read_jsonl, write_jsonl
+from hibari.errors import HibariError
+from hibari.progress import progress_bar
 
 RULE_CHOICES = ("quality", "ngword")
 _BATCH_RECORDS = 256  # records per batched feature computation (numpy per-call overheads amortised)

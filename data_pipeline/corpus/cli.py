@@ -55,7 +55,7 @@ def _register_own_commands(sub) -> None:
 def _clean(args) -> int:
     from data_pipeline.corpus.config import CleanConfig
     from data_pipeline.corpus.pipeline import run_clean
-    from launch.config import load_config
+    from hibari.config import load_config
 
     overrides = list(args.overrides)
     cfg = load_config(CleanConfig, args.config, overrides)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from launch.config import StrictModel
+from hibari.config import StrictModel
 
 # UT1 categories the Swallow corpus blocked (all "redirector" variants are matched by prefix)
 SWALLOW_UT1_CATEGORIES = [

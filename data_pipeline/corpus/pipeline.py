@@ -10,9 +10,9 @@ from pathlib import Path
 from data_pipeline.corpus.config import CleanConfig
 from data_pipeline.corpus.warc import iter_warc, snapshot_from
 from data_pipeline.executor import Task, run_local
-from data_pipeline.io import ensure_writable_dir, expand_inputs, write_jsonl
-from launch.errors import HibariError
-from launch.progress import progress_bar
+from hibari.io import ensure_writable_dir, expand_inputs, write_jsonl
+from hibari.errors import HibariError
+from hibari.progress import progress_bar
 
 _WARC_SUFFIXES = (".warc.gz", ".warc.zst", ".warc", ".arc.gz", ".arc", ".gz")
 READ_STAGE = "read"
@@ -170,7 +170,7 @@ def build_report(shards: list[dict]) -> dict:
 
 
 def write_report(report: dict, out: Path) -> None:
-    from data_pipeline.io import atomic_write
+    from hibari.io import atomic_write
 
     with atomic_write(out / "report.json", "w") as f:
         json.dump(report, f, ensure_ascii=False, indent=1)
@@ -200,7 +200,7 @@ def _plot_funnel(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from data_pipeline.io import atomic_write
+    from hibari.io import atomic_write
 
     stages = report["stages"]
     reasons = list(report["drop_reasons"].items())[:20]

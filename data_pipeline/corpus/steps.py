@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data_pipeline.corpus.config import CleanConfig
 from data_pipeline.corpus.warc import Page, WarcResponse, content_decode, decode_html, host_of, iso_date, split_http
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 
 class Step:

@@ -45,7 +45,7 @@ def _run(args) -> int:
     from pydantic import ValidationError
 
     from data_pipeline.dedup.pipeline import DedupConfig, run_dedup
-    from launch.errors import HibariError
+    from hibari.errors import HibariError
 
     try:
         config = DedupConfig(ngram=args.ngram, bands=args.bands, rows=args.rows, seed=args.seed, keep=args.keep,

@@ -16,9 +16,9 @@ from pydantic import Field
 from data_pipeline.dedup import stages
 from data_pipeline.dedup.report import write_report
 from data_pipeline.executor import Task, run_local
-from data_pipeline.io import atomic_write, ensure_writable_dir
-from launch.config import StrictModel
-from launch.errors import HibariError
+from hibari.io import atomic_write, ensure_writable_dir
+from hibari.config import StrictModel
+from hibari.errors import HibariError
 
 DEDUP_DIR = "_dedup"  # inside OUTPUT: state, removal lists and report; deduplicated shards sit beside it
 SHARD_SUFFIXES = (".jsonl.zst", ".jsonl")

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from data_pipeline.io import atomic_write, read_jsonl
+from hibari.io import atomic_write, read_jsonl
 
 
 def write_report(dd: Path, config, shards: list[dict], sig_stats: list[dict], band_stats: list[dict],

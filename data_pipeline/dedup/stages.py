@@ -27,8 +27,8 @@ from data_pipeline.dedup.hosts import HostCounts, hosts_to_drop, removed_share
 from data_pipeline.dedup.lsh import (choose_keepers, cluster_size_histogram, connected_components, iter_band_edges,
                                      passes_for_budget)
 from data_pipeline.dedup.minhash import MinHasher
-from data_pipeline.io import atomic_write, read_jsonl, write_jsonl
-from launch.errors import HibariError
+from hibari.io import atomic_write, read_jsonl, write_jsonl
+from hibari.errors import HibariError
 
 MISSING_DATE = -(2**62)  # documents without a parsable WARC date sort as the oldest
 

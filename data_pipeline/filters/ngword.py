@@ -14,7 +14,7 @@ from pathlib import Path
 import ahocorasick
 import numpy as np
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "corpus" / "assets"
 # the lists Swallow Corpus v1 used (MosasoM/inappropriate-words-ja, MIT; licence next to them)

@@ -19,18 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.executor import is_done, load_done, mark_done
-from data_pipeline.io import atomic_write, expand_inputs
+from hibari.io import atomic_write, expand_inputs
 from data_pipeline.indexed.writer import IndexedDatasetBuilder, merge_datasets
 from data_pipeline.tokenizer.encoder import load_encoder
-from launch.errors import HibariError
-from launch.progress import progress_bar
+from hibari.errors import HibariError
+from hibari.progress import progress_bar
 from megatron_ext.data.indexed_dataset import dataset_exists, token_dtype_for_vocab
 
 
 def tokenize_shard(shard: str, part_prefix: str, tokenizer_dir: str, text_key: str = "text",
                    append_eod: bool = False, add_bos: bool = True) -> dict:
     """Tokenize one shard into `part_prefix.{bin,idx}`. Returns counters (the task's completion stats)."""
-    from data_pipeline.io import read_jsonl
+    from hibari.io import read_jsonl
 
     enc = load_encoder(tokenizer_dir)
     dtype = token_dtype_for_vocab(enc.vocab_size)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 from megatron_ext.data.indexed_dataset import IndexedDataset, data_file_path, index_file_path, write_index
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 
 @dataclass

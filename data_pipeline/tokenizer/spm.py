@@ -14,7 +14,7 @@ import unicodedata
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 META_FILE = "hibari_tokenizer.json"  # sizes and provenance written next to tokenizer.model
 
@@ -63,7 +63,7 @@ def resolve_model_file(path: str | Path) -> Path:
 def iter_training_lines(files: Iterable[Path], text_key: str, nfkc: bool, max_bytes: int, counters: dict,
                         bar=None) -> Iterator[str]:
     """Non-empty lines of every document (SentencePiece trains on sentences; documents are too long)."""
-    from data_pipeline.io import read_jsonl
+    from hibari.io import read_jsonl
 
     for f in files:
         records = ({"text": line} for line in open(f, encoding="utf-8")) if f.suffix == ".txt" else read_jsonl(f)
@@ -99,8 +99,8 @@ def train_tokenizer(inputs, vocab_size: int, out_dir: str | Path, model_type: st
     """Train a Llama-style SentencePiece model on corpus shards; write tokenizer.model + HF files to `out_dir`."""
     import sentencepiece as spm
 
-    from data_pipeline.io import ensure_writable_dir, expand_inputs
-    from launch.progress import progress_bar
+    from hibari.io import ensure_writable_dir, expand_inputs
+    from hibari.progress import progress_bar
 
     if model_type not in ("bpe", "unigram"):
         raise HibariError(f"--model-type {model_type!r}: expected bpe or unigram")
@@ -171,7 +171,7 @@ def expand_model(base_model: str | Path, add_model: str | Path):
 def read_sample_texts(sample: str | list[str] | None, text_key: str = "text", limit: int = 2000) -> list[str]:
     if not sample:
         return list(BUILTIN_JA_SAMPLE)
-    from data_pipeline.io import expand_inputs, read_jsonl
+    from hibari.io import expand_inputs, read_jsonl
 
     texts: list[str] = []
     for f in expand_inputs(sample):
@@ -194,7 +194,7 @@ def chars_per_token(model_file: str | Path, texts: list[str]) -> float:
 
 def expand_tokenizer(base: str | Path, add: str | Path, out_dir: str | Path, pad_to_multiple: int = 8,
                      sample: str | list[str] | None = None, text_key: str = "text") -> dict:
-    from data_pipeline.io import ensure_writable_dir
+    from hibari.io import ensure_writable_dir
 
     if pad_to_multiple < 1:
         raise HibariError(f"--pad-to-multiple {pad_to_multiple}: expected a positive integer")

@@ -17,8 +17,8 @@ from typing import Literal
 import numpy as np
 from pydantic import field_validator
 
-from launch.config import StrictModel
-from launch.errors import HibariError
+from hibari.config import StrictModel
+from hibari.errors import HibariError
 from megatron_ext.data.blended import BlendedDataset, cached_blending_indices, normalize_weights
 from megatron_ext.data.gpt_dataset import GPTSampleDataset, default_cache_dir
 from megatron_ext.data.indexed_dataset import IndexedDataset

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 from megatron_ext.data.gpt_dataset import _save_npy_atomic
 
 BLEND_FORMAT_VERSION = 1

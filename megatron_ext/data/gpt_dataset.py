@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 from megatron_ext.data.indexed_dataset import IndexedDataset
 
 INDEX_FORMAT_VERSION = 1  # bump when the algorithm changes so stale caches are not reused

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from launch.config import StrictModel
+from hibari.config import StrictModel
 
 
 class RopeScaling(StrictModel):

@@ -8,7 +8,7 @@ import zlib
 
 import torch.nn as nn
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 from megatron_ext.precision.config import PrecisionConfig
 from megatron_ext.precision.linear import RECIPES, QuantizedLinear
 

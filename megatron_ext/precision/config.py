@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from launch.config import StrictModel
+from hibari.config import StrictModel
 
 Recipe = Literal["fp32", "bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "nvfp4"]
 QUANTIZED_RECIPES = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "nvfp4")

@@ -1,6 +1,6 @@
 """Training loop around the parallel engine: config, LR schedules, AdamW, DCP checkpoints, metrics.
 
-    from launch.config import load_config
+    from hibari.config import load_config
     from megatron_ext.train import TrainConfig, train
     summary = train(load_config(TrainConfig, "configs/tiny.yaml", ["run.dir=runs/x"]))
 

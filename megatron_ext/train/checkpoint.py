@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
 
 def _train(args) -> int:
-    from launch.config import load_config
+    from hibari.config import load_config
     from megatron_ext.train.config import TrainConfig
     from megatron_ext.train.loop import plan, train, world_size_from_env
 

@@ -11,8 +11,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import ConfigDict, Field, model_validator
 
-from launch.config import StrictModel
-from launch.errors import ConfigError
+from hibari.config import StrictModel
+from hibari.errors import ConfigError
 from megatron_ext.data import IndexedDataConfig
 from megatron_ext.models.llama import ModelArgs
 from megatron_ext.precision.config import PrecisionConfig

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from launch.errors import ConfigError
+from hibari.errors import ConfigError
 from megatron_ext.train.config import SyntheticDataConfig, TrainConfig
 
 _NGRAM_TABLE_KEY = 0x5EED

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from launch.config import dump_config
-from launch.errors import ConfigError, HibariError
+from hibari.config import dump_config
+from hibari.errors import ConfigError, HibariError
 from megatron_ext.train.config import RUNTIME_MODEL_FIELDS, TrainConfig, check_batch_layout, resolve_model_args
 
 
@@ -118,7 +118,7 @@ def _run(cfg: TrainConfig, model_args, layout, accum: int, info) -> dict:
     import json
 
     from checkpoints.hibari_ckpt import MODEL_JSON, read_model_json
-    from launch.progress import progress_bar
+    from hibari.progress import progress_bar
     from megatron_ext.train.checkpoint import Checkpointer, barrier, find_latest, read_train_state
     from megatron_ext.train.data import build_datasets, micro_batches
     from megatron_ext.train.lr import lr_at

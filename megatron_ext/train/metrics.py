@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"

@@ -1,4 +1,4 @@
-"""Corpus file I/O shared by every data_pipeline stage: JSONL / JSONL.zst shards, atomic writes, input globs."""
+"""File I/O every package shares: atomic writes, JSON and JSONL / JSONL.zst files, input globs, output dirs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 
 import zstandard
 
-from launch.errors import HibariError
+from hibari.errors import HibariError
 
 
 def expand_inputs(pattern: str | list[str]) -> list[Path]:
@@ -99,3 +99,9 @@ def write_jsonl(path: str | Path, records: Iterable[dict], level: int = 3) -> in
                 raw.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
                 n += 1
     return n
+
+
+def write_json(path: str | Path, data, *, indent: int | None = None, sort_keys: bool = False) -> None:
+    """Atomically write one JSON document (temp file + rename): the project's one JSON writer for state/report files."""
+    with atomic_write(path, "wb") as f:
+        f.write(json.dumps(data, ensure_ascii=False, indent=indent, sort_keys=sort_keys).encode("utf-8"))

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from launch.errors import ConfigError
+from hibari.errors import ConfigError
 
 T = TypeVar("T", bound=BaseModel)
 
