@@ -15,6 +15,8 @@ setup(
         "": ["*.yaml", "*.txt", "*.json", "*.zst", "*.model"],
         "launch.demo_data": ["warc/*/*.warc.gz", "*.json", "*.zst"],
         "data_pipeline.corpus": ["assets/*.txt", "assets/*/*.txt", "assets/*/*"],
+        # lm-eval task folders (YAML + JSONL + the loader the YAML names with !function); not packages themselves
+        "megatron_ext.eval": ["tasks/*/*.yaml", "tasks/*/*.jsonl", "tasks/*/*.py"],
     },
     install_requires=[
         TORCH,
@@ -30,6 +32,7 @@ setup(
         "protobuf>=4",
         "matplotlib>=3.8",
         "zstandard>=0.22",
+        "pyarrow>=14",  # parquet / arrow / save_to_disk inputs of every data command (data_pipeline/readers.py)
         "xxhash>=3",
         "fastwarc>=0.14",
         "resiliparse>=0.14",
@@ -39,9 +42,14 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "megatron-core==0.16.1", "datasets>=3", "torchao==0.18.0"],
+        # lm-eval[hf] and wandb: tests/test_eval*.py (the HF backend is the parity oracle, wandb runs offline)
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "megatron-core==0.16.1", "datasets>=3", "torchao==0.18.0",
+                "lm-eval[hf]>=0.4.9", "wandb>=0.19"],
         "bench": ["datatrove==0.10.1", "hojichar==0.18.1", "spacy[ja]", "datasketch"],
         "gpu": ["flash-attn"],
+        "hf": ["datasets>=3"],  # only `hibari corpus export --format hf` writes through `datasets`
+        "eval": ["lm-eval[hf]>=0.4.9"],  # `hibari eval` and eval.tasks in training (megatron_ext/eval)
+        "wandb": ["wandb>=0.19"],  # log.wandb: experiment tracking next to TensorBoard
     },
     entry_points={"console_scripts": ["hibari=launch.cli:main"]},
 )

@@ -1,16 +1,19 @@
-"""Streaming conversion benchmark: peak RSS and throughput of HF -> hibari -> HF vs a plain file copy.
+"""Streaming conversion benchmark: peak RSS and throughput of HF -> hibari -> HF vs `cp` of the same bytes.
 
-    python -m bench.convert [--gb 2.0] [--workdir /tmp/hibari-bench-convert]
+    python -m bench.convert [--gb 2.0] [--rounds 2] [--workdir /tmp/hibari-bench-convert]
 
 Builds a synthetic Llama-shaped bf16 HF checkpoint of about --gb gigabytes, then runs each conversion in a fresh
-subprocess and reports its peak RSS (ru_maxrss of the child) next to the largest single tensor and the model size,
-and GB/s next to `shutil.copyfile` of the same bytes measured in the same run.
+subprocess and reports its peak RSS (sampled in the child) next to the largest single tensor, and its throughput
+next to `cp` of the same files from page cache, measured in the same run, interleaved (cp, hf-to-hibari, cp,
+hibari-to-hf, ... for --rounds rounds; best round quoted). The conversion is timed inside the child, after its
+imports (interpreter + torch start-up is not conversion work). Inputs are read once before timing (page cache).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -62,20 +65,41 @@ threading.Thread(target=_sample, daemon=True).start()
 """
 
 
-def child_with_rss(code: str) -> tuple[float, float, float]:
-    """Run `code` in a fresh process after importing torch + hibari; return (seconds, RSS after imports,
-    peak RSS growth during `code`), RSS sampled every 2 ms."""
-    wrapped = _SAMPLER + code + "\nprint('RSS', _base, max(_peak[0], _rss()) - _base)"
+def child_with_rss(code: str, tree: Path = ROOT) -> tuple[float, float, float]:
+    """Run `code` in a fresh process after importing torch + hibari; return (seconds of `code` measured in the
+    child, RSS after imports, peak RSS growth during `code`), RSS sampled every 2 ms."""
+    wrapped = (_SAMPLER + "_t0 = time.perf_counter()\n" + code + "\n_dt = time.perf_counter() - _t0"
+               "\nprint('RSS', _dt, _base, max(_peak[0], _rss()) - _base)")
+    r = subprocess.run([sys.executable, "-c", wrapped], check=True, cwd=tree, capture_output=True, text=True)
+    dt, base, growth = [line for line in r.stdout.splitlines() if line.startswith("RSS ")][-1].split()[1:]
+    return float(dt), float(base), float(growth)
+
+
+def cp_seconds(src: Path, dst: Path) -> float:
+    """`cp -r` of a directory (page cache to page cache, as the converters)."""
+    shutil.rmtree(dst, ignore_errors=True)
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", wrapped], check=True, cwd=ROOT, capture_output=True, text=True)
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
     dt = time.perf_counter() - t0
-    base, growth = [line for line in r.stdout.splitlines() if line.startswith("RSS ")][-1].split()[1:]
-    return dt, float(base), float(growth)
+    shutil.rmtree(dst, ignore_errors=True)
+    return dt
+
+
+def _warm(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                while fh.read(16 << 20):
+                    pass
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--baseline-tree", default=None,
+                    help="another hibari source tree (e.g. a copy of an older commit): its converters are timed "
+                         "too, interleaved, as the before/after baseline")
     ap.add_argument("--workdir", default="/tmp/hibari-bench-convert")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "convert.md"))
     a = ap.parse_args()
@@ -84,27 +108,38 @@ def main() -> None:
     info = make_checkpoint(work / "hf", a.gb)
     total = info["total_bytes"]
 
-    t0 = time.perf_counter()
-    shutil.copyfile(work / "hf" / "model.safetensors", work / "copy.safetensors")
-    copy_s = time.perf_counter() - t0
-    (work / "copy.safetensors").unlink()
-
-    to_hibari_s, baseline_rss, to_hibari_rss = child_with_rss(
-        f"from checkpoints.convert import hf_to_hibari; hf_to_hibari({str(work / 'hf')!r}, {str(work / 'ckpt')!r})")
-    to_hf_s, _, to_hf_rss = child_with_rss(
-        f"from checkpoints.convert import hibari_to_hf; hibari_to_hf({str(work / 'ckpt')!r}, {str(work / 'back')!r},"
-        " max_shard_size='1GB')")
+    trees = {"": ROOT} | ({" (baseline tree)": Path(a.baseline_tree).resolve()} if a.baseline_tree else {})
+    copies: list[float] = []
+    to_hibari: dict[str, list] = {k: [] for k in trees}
+    to_hf: dict[str, list] = {k: [] for k in trees}
+    for _ in range(a.rounds):  # interleaved: load from other jobs hits the copy and the converters alike
+        for label, tree in trees.items():
+            _warm(work / "hf")
+            copies.append(cp_seconds(work / "hf", work / "copy"))
+            shutil.rmtree(work / "ckpt", ignore_errors=True)
+            to_hibari[label].append(child_with_rss(
+                f"from checkpoints.convert import hf_to_hibari; hf_to_hibari({str(work / 'hf')!r}, "
+                f"{str(work / 'ckpt')!r})", tree))
+            _warm(work / "ckpt")
+            copies.append(cp_seconds(work / "ckpt", work / "copy"))
+            shutil.rmtree(work / "back", ignore_errors=True)
+            to_hf[label].append(child_with_rss(
+                f"from checkpoints.convert import hibari_to_hf; hibari_to_hf({str(work / 'ckpt')!r}, "
+                f"{str(work / 'back')!r}, max_shard_size='1GB')", tree))
+    copy_s = min(copies)
+    baseline_rss = min(to_hibari[""])[1]
     gb = total / 1e9
-    rows = [
-        ("plain file copy (baseline)", copy_s, None),
-        ("hf-to-hibari", to_hibari_s, to_hibari_rss),
-        ("hibari-to-hf (1 GB shards)", to_hf_s, to_hf_rss),
-    ]
+    rows = [("`cp -r` of the same files (baseline)", copy_s, None)]
+    for label in trees:
+        rows.append((f"hf-to-hibari{label}", *min(to_hibari[label])[::2]))
+        rows.append((f"hibari-to-hf (1 GB shards){label}", *min(to_hf[label])[::2]))
     lines = [
         "## Checkpoint conversion (bench/convert.py)",
         "",
         f"Machine: 2-core CI-class CPU ({platform.processor() or platform.machine()}), date {date.today()}, "
-        f"command `python -m bench.convert --gb {a.gb}`.",
+        f"command `python -m bench.convert --gb {a.gb} --rounds {a.rounds}"
+        f"{' --baseline-tree ' + a.baseline_tree if a.baseline_tree else ''}`; machine shared with other jobs "
+        f"(load average {os.getloadavg()[0]:.1f}).",
         f"Synthetic bf16 Llama-shaped checkpoint: {gb:.2f} GB, {info['n_layers']} layers, largest tensor "
         f"{info['largest_tensor_bytes'] / 1e6:.0f} MB; RSS of a process that only imports torch + hibari: "
         f"{baseline_rss / 1e6:.0f} MB.",

@@ -4,8 +4,12 @@
    run and on the same documents: a plain transcription of the Swallow authors' feature code, datatrove's
    GopherRepetitionFilter + GopherQualityFilter (language Japanese), and HojiChar's five light document filters.
 2. Extraction pages/s: trafilatura (comments and tables off) vs resiliparse, on the shared real Japanese pages.
+3. `--clean`: `corpus clean` end to end (one worker, CPU time, per-stage profile) on a Common-Crawl-like mix with
+   5% Japanese pages and on a Japanese-only file, for each `extract.extractor` (-> results/corpus_clean.md).
+   Extraction quality per extractor: bench/extract_quality.py.
 
     python bench/corpus.py [--docs ../shared/data/quality-agreement/corpus_heldout.jsonl] [--write]
+    python bench/corpus.py --clean [--clean-extractors trafilatura,trafilatura_pretrim] [--write]
 
 Baselines that are not installed are reported as such. Needs ../shared/data (real documents).
 """
@@ -221,14 +225,157 @@ def bench_extraction(limit_s: float = 60.0) -> list[tuple[str, float | None, str
     return rows
 
 
+# ------------------------------------------------------------------ corpus clean end to end (issue 22)
+def _response_blocks(path: Path) -> list[tuple[str, bytes]]:
+    """(url, raw HTTP block) of every response record of a WARC file."""
+    from fastwarc.warc import ArchiveIterator, WarcRecordType
+
+    with open(path, "rb") as f:
+        return [(rec.headers.get("WARC-Target-URI", "").strip("<>"), rec.reader.read())
+                for rec in ArchiveIterator(f, parse_http=False, record_types=WarcRecordType.response)]
+
+
+def _write_warc(path: Path, pages: list[tuple[str, bytes]]) -> Path:
+    import gzip
+    import uuid
+
+    records = [b"WARC/1.1\r\nWARC-Type: warcinfo\r\nContent-Length: 26\r\n\r\nisPartOf: CC-MAIN-2024-10\r\n\r\n\r\n"]
+    for i, (url, block) in enumerate(pages):
+        rid = uuid.uuid5(uuid.NAMESPACE_URL, f"{i}:{url}")
+        records.append((f"WARC/1.1\r\nWARC-Type: response\r\nWARC-Record-ID: <urn:uuid:{rid}>\r\n"
+                        f"WARC-Date: 2024-03-01T12:00:00Z\r\nWARC-Target-URI: {url}\r\n"
+                        f"Content-Type: application/http; msgtype=response\r\nContent-Length: {len(block)}\r\n\r\n"
+                        ).encode() + block + b"\r\n\r\n")
+    path.write_bytes(b"".join(gzip.compress(r, compresslevel=1) for r in records))
+    return path
+
+
+def build_mixes(out_dir: Path, records: int = 3000, ja_fraction: float = 0.05) -> tuple[Path, Path]:
+    """A Common-Crawl-like WARC (`records` responses, `ja_fraction` of them Japanese) and a Japanese-only WARC,
+    from real pages: the 39 Japanese and 10 non-Japanese pages of ja-warc-assembled plus the responses of the real
+    CC extract (resiliparse/warcfile) and dolma's two crawls as the non-Japanese majority. Each page repeats under
+    its own URL path (`?r=N`), so every record is a distinct document for the pipeline."""
+    meta = {json.loads(l)["url"]: json.loads(l)["expected_is_japanese"] for l in
+            (SHARED / "ja-warc-assembled" / "records.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()}
+    assembled = _response_blocks(SHARED / "ja-warc-assembled" / "ja-html-assembled.warc.gz")
+    ja = [(u, b) for u, b in assembled if meta.get(u)]
+    other = [(u, b) for u, b in assembled if meta.get(u) is False]
+    for name in ("resiliparse/warcfile.warc.gz", "dolma/sample-0000.warc.gz", "dolma/sample-0001.warc.gz"):
+        other += _response_blocks(SHARED / "warc-samples" / name)
+    n_ja = round(records * ja_fraction)
+    picks = [ja[i % len(ja)] for i in range(n_ja)] + [other[i % len(other)] for i in range(records - n_ja)]
+    picks = [picks[(i * 7919) % len(picks)] for i in range(len(picks))] if len(picks) % 7919 else picks
+    sep = lambda u, i: f"{u}{'&' if '?' in u else '?'}r={i}"  # noqa: E731
+    mix = _write_warc(out_dir / "cc-like-mix.warc.gz", [(sep(u, i), b) for i, (u, b) in enumerate(picks)])
+    ja_only = _write_warc(out_dir / "ja-only.warc.gz", [(sep(u, i), b) for i, (u, b) in enumerate(ja * 4)])
+    return mix, ja_only
+
+
+def clean_cpu(warc: Path, out_dir: Path, extractor: str) -> dict:
+    """One `corpus clean` task (one worker, in this process) on `warc`: CPU seconds in total and per stage
+    (each step's process time; "read+write" = the rest: WARC reading, HTTP/record I/O, output, ledger)."""
+    import shutil
+
+    from data_pipeline.corpus import steps as steps_mod
+    from data_pipeline.corpus.config import CleanConfig
+    from data_pipeline.corpus.pipeline import clean_shard
+
+    stage_cpu: dict[str, float] = collections.defaultdict(float)
+    original = steps_mod.Step.__call__
+
+    def timed(self, page):
+        t0 = time.process_time()
+        try:
+            return original(self, page)
+        finally:
+            stage_cpu[self.name] += time.process_time() - t0
+
+    cfg = CleanConfig.model_validate({"extract": {"extractor": extractor}}).model_dump()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    steps_mod.Step.__call__ = timed
+    try:
+        t0 = time.process_time()
+        counters = clean_shard(str(warc), str(out_dir / "out.jsonl.zst"), cfg, ledger=str(out_dir / "ledger.jsonl.zst"))
+        total = time.process_time() - t0
+    finally:
+        steps_mod.Step.__call__ = original
+    stages = {s["name"]: s for s in counters["stages"]} if "stages" in counters else {}
+    return {"cpu": total, "stage_cpu": dict(stage_cpu), "counters": counters, "stages": stages}
+
+
+def bench_clean(extractors: list[str], rounds: int, records: int) -> list[str]:
+    import tempfile
+
+    from data_pipeline.corpus import steps as steps_mod
+    from data_pipeline.corpus.config import CleanConfig
+
+    steps_mod.build_steps(CleanConfig())  # imports (py3langid, trafilatura, ...) outside the timing
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        mix, ja_only = build_mixes(tmp, records)
+        for ex in extractors:  # warm-up: lazy imports and model loads (py3langid, trafilatura) outside the timing
+            clean_cpu(ja_only, tmp / "out", ex)
+        runs: dict[tuple[str, str], list[dict]] = collections.defaultdict(list)
+        for _ in range(rounds):  # interleaved: A, B, A, B ... so load from other jobs hits all alike
+            for warc in (mix, ja_only):
+                for ex in extractors:
+                    runs[(warc.name, ex)].append(clean_cpu(warc, tmp / "out", ex))
+    lines = [f"## `corpus clean` end to end, one worker ({rounds} interleaved rounds, best round quoted)", "",
+             f"`cc-like-mix.warc.gz`: {records:,} response records, 5% Japanese (the 39 Japanese pages of "
+             "ja-warc-assembled, repeated), 95% non-Japanese (its 10 negatives + the real CC extract of "
+             "resiliparse/warcfile + dolma's two crawls, repeated); `ja-only.warc.gz`: the 39 Japanese pages x 4. "
+             "CPU = process time of the whole task (reading, all stages, output, ledger).", "",
+             "| file | extractor | records | CPU s | records per CPU-second | extracted pages | CPU ms per extracted "
+             "page | kept docs |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    best = {}
+    for (wname, ex), rs in runs.items():
+        r = min(rs, key=lambda x: x["cpu"])
+        best[(wname, ex)] = r
+        st = r["counters"]
+        n = st.get("records_read") or st.get("responses") or records
+        extract = next((s for s in st.get("stages", []) if s["name"] == "extract"), {})
+        extracted = extract.get("pages_in", 0)
+        lines.append(f"| {wname} | `{ex}` | {n:,} | {r['cpu']:.2f} | {n / r['cpu']:,.0f} | {extracted} | "
+                     f"{r['cpu'] / max(extracted, 1) * 1000:.1f} | {st.get('written', st.get('records_written', '?'))} |")
+    lines += ["", "Per-stage CPU seconds (process time inside each step; read+write = the rest of the task):", "",
+              "| file | extractor | " + " | ".join(STAGES) + " | read+write |", "|---|---|" + "---:|" * (len(STAGES) + 1)]
+    for (wname, ex), r in best.items():
+        inside = sum(r["stage_cpu"].values())
+        lines.append(f"| {wname} | `{ex}` | " + " | ".join(f"{r['stage_cpu'].get(s, 0.0):.2f}" for s in STAGES)
+                     + f" | {r['cpu'] - inside:.2f} |")
+    return lines
+
+
+STAGES = ("http", "url_blocklist", "decode", "rapid_ja", "extract", "language", "quality", "ngword", "cleanup")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", default=str(SHARED / "quality-agreement" / "corpus_heldout.jsonl"))
     ap.add_argument("--datatrove-docs", type=int, default=300,
                     help="datatrove and the authors' code are slow: time them on this many")
     ap.add_argument("--no-extraction", action="store_true")
+    ap.add_argument("--clean", action="store_true",
+                    help="only `corpus clean` end to end on a CC-like mix and a Japanese-only file (issue 22)")
+    ap.add_argument("--clean-extractors", default="trafilatura,resiliparse_pretrim")
+    ap.add_argument("--clean-records", type=int, default=3000)
+    ap.add_argument("--clean-rounds", type=int, default=2)
     ap.add_argument("--write", action="store_true", help="write bench/results/corpus.md")
     args = ap.parse_args()
+    if args.clean:
+        head = ["# `corpus clean` throughput and per-stage CPU profile (issue 22)", "",
+                f"Machine: 2-core CI-class CPU ({platform.machine()}), shared with other jobs (load average "
+                f"{os.getloadavg()[0]:.1f}), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, Python "
+                f"{platform.python_version()}. Command: `python bench/corpus.py --clean --clean-rounds "
+                f"{args.clean_rounds} --clean-extractors {args.clean_extractors}{' --write' if args.write else ''}`.",
+                ""]
+        text = "\n".join(head + bench_clean(args.clean_extractors.split(","), args.clean_rounds,
+                                            args.clean_records)) + "\n"
+        print(text)
+        if args.write:
+            (REPO / "bench" / "results" / "corpus_clean.md").write_text(text, encoding="utf-8")
+        return 0
     path = Path(args.docs)
     if not path.is_file():
         print(f"bench/corpus.py: {path} not found (needs ../shared/data)", file=sys.stderr)

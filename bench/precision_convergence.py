@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from bench.quantize import write_section
 from hibari.progress import progress_bar
 from megatron_ext.models import ModelArgs, Transformer
-from megatron_ext.precision import PrecisionConfig, PrecisionSchedule, apply_precision
+from megatron_ext.precision import PrecisionConfig, PrecisionSchedule, apply_precision, set_step_context
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHARED_TEXT = SHARED_DATA / "ja-plain-text" / "aozora" / "bocchan.txt"
@@ -101,6 +101,7 @@ def train(name: str, overrides: dict, args, train_data, val_data) -> dict:
     with progress_bar(args.steps, desc=name, unit="step") as bar:
         for step, (x, y) in enumerate(batches(train_data, args.steps, args.batch, args.seq, seed=args.seed)):
             msg = schedule.step(step * tokens_per_step, model)
+            set_step_context(model, step=step)  # keys the stochastic-rounding noise, as the trainer does
             if msg:
                 events.append((step, msg))
             for group in opt.param_groups:
@@ -200,8 +201,9 @@ def main(argv=None) -> int:
     lines = [
         "## Tiny-Llama convergence (`bench/precision_convergence.py`)\n",
         f"Machine: 2-core CI-class CPU ({platform.machine()}), torch {torch.__version__}, "
-        f"{time.strftime('%Y-%m-%d', time.gmtime())}. All quantized GEMMs are emulated exactly "
-        "(dequantize, fp32 GEMM).",
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}. NVFP4: operands quantized bit-exactly, GEMMs on the exact "
+        "unscaled values (bf16 on GPU, fp32 on CPU) with the per-tensor factors on the output; FP8: codes + scales, "
+        "emulated GEMMs (backend auto on CPU).",
         f"Data: {source}, 90/10 train/val split. Model: Llama {args.layers} blocks, dim {args.dim}, "
         f"{args.heads} heads, FFN {args.ffn}, vocab 256; {args.steps} steps x {args.batch}x{args.seq} tokens, "
         f"AdamW lr {args.lr} (warmup {args.warmup}, cosine to 10%), seed {args.seed}.\n",

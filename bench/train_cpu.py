@@ -78,11 +78,12 @@ def interleaved_steps(cfg, steps: int, skip: int) -> tuple[float, float]:
 
     from megatron_ext.train.data import SyntheticDataset, micro_batches
     from megatron_ext.train.optim import build_optimizer
-    from parallel import Engine, init_distributed, validate_layout
+    from megatron_ext.models.llama_parallel import build_engine
+    from parallel import init_distributed, validate_layout
 
     m, t = cfg.model, cfg.train
     info = init_distributed()
-    engine = Engine.build(m, validate_layout(cfg.parallel, m, 1), cfg.precision, info, seed=t.seed)
+    engine = build_engine(m, validate_layout(cfg.parallel, m, 1), cfg.precision, info, seed=t.seed)
     opt = build_optimizer(engine.model_parts, cfg.optim, lr=cfg.lr.lr, device=engine.device)
     hf = _hf_model(cfg)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),

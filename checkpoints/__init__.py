@@ -8,9 +8,9 @@ Imports are lazy so `import checkpoints` stays cheap.
 def load_hibari(ckpt_dir, dtype=None):
     import torch
 
-    from checkpoints.hibari_ckpt import load_hibari as _load
+    from megatron_ext.checkpoint import load_model
 
-    return _load(ckpt_dir, dtype=dtype or torch.float32)
+    return load_model(ckpt_dir, dtype=dtype or torch.float32)
 
 
 def __getattr__(name):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.hf_mapping import (expected_shapes, hf_config_from_model_args, hf_to_hibari_name, hibari_to_hf_name,
+from checkpoints.hf_mapping import (expected_shapes, hf_config_from_model_args, hf_to_hibari_slot, hibari_to_hf_names,
                                     model_args_from_hf_config)
-from checkpoints.hibari_ckpt import (iter_model_tensors, prepare_output_dir, read_model_json,
-                                     save_model_state_streaming, tensor_metadata, write_model_json)
+from checkpoints.hibari_ckpt import save_model_state_streaming, staged_output_dir
+from megatron_ext.checkpoint import MODEL_JSON, iter_model_tensors, read_model_json, tensor_metadata, write_model_json
 from checkpoints.safetensors_io import open_hf_weights, parse_size, save_sharded
 from hibari.errors import HibariError
 
@@ -40,7 +40,7 @@ def read_hf_config(hf_dir: str | Path) -> dict:
 
 
 def hf_to_hibari(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> dict:
-    """Convert an HF Llama/Mistral directory into a hibari checkpoint. Returns a summary dict."""
+    """Convert an HF Llama/Mistral/Mixtral directory into a hibari checkpoint. Returns a summary dict."""
     hf_dir = Path(hf_dir)
     cfg = read_hf_config(hf_dir)
     args = model_args_from_hf_config(cfg, source=str(hf_dir / "config.json"))
@@ -48,9 +48,20 @@ def hf_to_hibari(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
     expected = expected_shapes(args)
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     sources: dict[str, tuple[str, object]] = {}
+    experts: dict[str, dict[int, tuple[str, object]]] = {}  # stacked Mixtral experts: one HF tensor per expert
     for hf_name, f in files.items():
-        name = hf_to_hibari_name(hf_name)
-        if name is None:
+        slot = hf_to_hibari_slot(hf_name)
+        if slot is None:
+            continue
+        name, expert = slot
+        if expert is not None:
+            if name not in expected or expert >= expected[name][0]:
+                raise HibariError(f"{f.path}: tensor {hf_name!r} does not belong to a {args.n_layers}-layer model "
+                                  f"with {args.n_experts} experts")
+            if tuple(f.shape(hf_name)) != expected[name][1:]:
+                raise HibariError(f"{f.path}: tensor {hf_name!r} has shape {list(f.shape(hf_name))}, expected "
+                                  f"{list(expected[name][1:])} from config.json")
+            experts.setdefault(name, {})[expert] = (hf_name, f)
             continue
         if name == "output.weight" and args.tie_embeddings:
             continue  # some tied checkpoints store the head anyway; it is the embedding
@@ -62,19 +73,30 @@ def hf_to_hibari(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
                               f"{list(expected[name])} from config.json")
         specs[name] = (tuple(shape), f.dtype(hf_name))
         sources[name] = (hf_name, f)
+    for name, parts in experts.items():
+        absent = [i for i in range(expected[name][0]) if i not in parts]
+        if absent:
+            raise HibariError(f"{hf_dir}: checkpoint is missing tensor "
+                              f"{hibari_to_hf_names(name, args.n_experts)[absent[0]]!r}")
+        dtypes = {f.dtype(hf_name) for hf_name, f in parts.values()}
+        if len(dtypes) > 1:
+            raise HibariError(f"{hf_dir}: the experts of {name!r} have different dtypes {sorted(map(str, dtypes))}")
+        specs[name] = (expected[name], dtypes.pop())
+        sources[name] = [parts[i] for i in range(expected[name][0])]
     missing = [n for n in expected if n not in specs]
     if missing:
         raise HibariError(f"{hf_dir}: checkpoint is missing {len(missing)} tensor(s), e.g. "
-                          f"{hibari_to_hf_name(missing[0])!r}")
-    out = prepare_output_dir(out_dir, overwrite)
+                          f"{hibari_to_hf_names(missing[0], args.n_experts)[0]!r}")
 
     def load(name: str) -> torch.Tensor:
+        if isinstance(sources[name], list):  # one stacked copy of the experts' tensors
+            return torch.stack([f.get(hf_name) for hf_name, f in sources[name]])
         hf_name, f = sources[name]
         return f.get(hf_name)
 
-    save_model_state_streaming(specs, load, out)
-    # written last: a directory without it is recognisably incomplete
-    write_model_json(out, args, hf_config=cfg, source=str(hf_dir))
+    with staged_output_dir(out_dir, overwrite) as stage:
+        save_model_state_streaming(specs, load, stage)
+        write_model_json(stage, args, hf_config=cfg, source=str(hf_dir))
     numels = {n: torch.Size(shape).numel() for n, (shape, _) in specs.items()}
     nbytes = sum(numels[n] * torch.empty((), dtype=dt).element_size() for n, (_, dt) in specs.items())
     return {"tensors": len(specs), "bytes": nbytes, "params": sum(numels.values())}
@@ -106,37 +128,41 @@ def hibari_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tokenizer: str | Pat
     for n in names:
         if tuple(tmeta[n].size) != expected[n]:
             raise HibariError(f"{ckpt_dir}: tensor {n!r} has shape {list(tmeta[n].size)}, expected "
-                              f"{list(expected[n])} from {ckpt_dir}/hibari_model.json")
+                              f"{list(expected[n])} from {ckpt_dir}/{MODEL_JSON}")
     target = DTYPES[dtype] if dtype else None
     stored = {tmeta[n].properties.dtype for n in names}
     out_dtype = target or (stored.pop() if len(stored) == 1 else torch.float32)  # for config.json
-    if tokenizer is not None and not Path(tokenizer).is_dir():
-        raise HibariError(f"--tokenizer {tokenizer}: not a directory")
-    out = prepare_output_dir(out_dir, overwrite)
-
-    def tensors():
-        for name, t in iter_model_tensors(ckpt_dir, names):
-            yield hibari_to_hf_name(name), (t.to(target) if target is not None else t)
-
-    specs = [(hibari_to_hf_name(n), tuple(tmeta[n].size), target or tmeta[n].properties.dtype) for n in names]
+    tokenizer_files = []
+    if tokenizer is not None:
+        if not Path(tokenizer).is_dir():
+            raise HibariError(f"--tokenizer {tokenizer}: not a directory")
+        tokenizer_files = [f for f in TOKENIZER_FILES if (Path(tokenizer) / f).is_file()]
+        if not tokenizer_files:
+            raise HibariError(f"--tokenizer {tokenizer}: no tokenizer files found "
+                              f"(expected one of {', '.join(TOKENIZER_FILES[:3])})")
+    specs = [(hf_name, tuple(tmeta[n].size)[1:] if len(hf_names) > 1 else tuple(tmeta[n].size),
+              target or tmeta[n].properties.dtype)
+             for n in names for hf_names in [hibari_to_hf_names(n, args.n_experts)] for hf_name in hf_names]
     total = sum(torch.Size(sh).numel() * torch.empty((), dtype=dt).element_size() for _, sh, dt in specs)
-    files = save_sharded(specs, tensors(), out, max_shard_bytes=parse_size(max_shard_size))
     dtype_name = str(out_dtype).replace("torch.", "")
     cfg = hf_config_from_model_args(args, base=meta.get("hf_config"), dtype=dtype_name)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
     gen = {"bos_token_id": cfg.get("bos_token_id", 1), "eos_token_id": cfg.get("eos_token_id", 2),
            "do_sample": False}
     if cfg.get("pad_token_id") is not None:
         gen["pad_token_id"] = cfg["pad_token_id"]
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
-    copied = []
-    if tokenizer is not None:
-        for fname in TOKENIZER_FILES:
-            src = Path(tokenizer) / fname
-            if src.is_file():
-                shutil.copy2(src, out / fname)
-                copied.append(fname)
-        if not copied:
-            raise HibariError(f"--tokenizer {tokenizer}: no tokenizer files found "
-                              f"(expected one of {', '.join(TOKENIZER_FILES[:3])})")
-    return {"tensors": len(names), "bytes": total, "files": [f.name for f in files], "tokenizer_files": copied}
+    with staged_output_dir(out_dir, overwrite) as out:
+        def tensors():
+            for name, t in iter_model_tensors(ckpt_dir, names):
+                t = t.to(target) if target is not None else t
+                hf_names = hibari_to_hf_names(name, args.n_experts)
+                if len(hf_names) == 1:
+                    yield hf_names[0], t
+                else:  # stacked experts -> one tensor per expert
+                    yield from ((hf_name, t[i]) for i, hf_name in enumerate(hf_names))
+
+        files = save_sharded(specs, tensors(), out, max_shard_bytes=parse_size(max_shard_size))
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+        for fname in tokenizer_files:
+            shutil.copy2(Path(tokenizer) / fname, out / fname)
+    return {"tensors": len(names), "bytes": total, "files": [f.name for f in files], "tokenizer_files": tokenizer_files}

@@ -1,7 +1,9 @@
-"""Hugging Face Llama/Mistral <-> hibari: config translation and tensor-name mapping.
+"""Hugging Face Llama/Mistral/Mixtral <-> hibari: config translation and tensor-name mapping.
 
 No tensor is transformed, only renamed: hibari's model uses the same rotate-half RoPE layout and separate
-projections as transformers, which is what makes the HF -> hibari -> HF round trip bit-exact.
+projections as transformers, which is what makes the HF -> hibari -> HF round trip bit-exact. The one exception is
+Mixtral's experts: the Hub stores one tensor per expert (`block_sparse_moe.experts.<e>.w1.weight`), hibari stacks
+them per block (`feed_forward.experts.w1`, expert index = dim 0); stacking and unstacking copy bits unchanged.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import re
 from hibari.errors import HibariError
 from megatron_ext.models.llama import ModelArgs, RopeScaling
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                           "MixtralForCausalLM": "mixtral"}
 _ARCH_TO_HF = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 
 # hibari name <- HF name, per block
@@ -26,7 +29,11 @@ _BLOCK_MAP = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+# Mixtral blocks: the same attention/norm names, the router, and stacked experts (below)
+_BLOCK_MAP["feed_forward.router.weight"] = "block_sparse_moe.gate.weight"
 _HF_BLOCK_MAP = {v: k for k, v in _BLOCK_MAP.items()}
+_HF_EXPERT_RE = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+_EXPERT_RE = re.compile(r"^feed_forward\.experts\.(w[123])$")
 _GLOBAL_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                "output.weight": "lm_head.weight"}
 _HF_GLOBAL_MAP = {v: k for k, v in _GLOBAL_MAP.items()}
@@ -34,16 +41,31 @@ _HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _BLOCK_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
-def hf_to_hibari_name(name: str) -> str | None:
-    """HF tensor name -> hibari name; None for tensors hibari does not keep (rotary caches)."""
+def hf_to_hibari_slot(name: str) -> tuple[str, int | None] | None:
+    """HF tensor name -> (hibari name, expert index or None); None for tensors hibari does not keep (rotary
+    caches). An expert index says which slice of dim 0 of the stacked hibari tensor the HF tensor is."""
     if name in _HF_GLOBAL_MAP:
-        return _HF_GLOBAL_MAP[name]
+        return _HF_GLOBAL_MAP[name], None
     m = _HF_BLOCK_RE.match(name)
     if m and m.group(2) in _HF_BLOCK_MAP:
-        return f"layers.{m.group(1)}.{_HF_BLOCK_MAP[m.group(2)]}"
+        return f"layers.{m.group(1)}.{_HF_BLOCK_MAP[m.group(2)]}", None
+    e = _HF_EXPERT_RE.match(m.group(2)) if m else None
+    if e:
+        return f"layers.{m.group(1)}.feed_forward.experts.{e.group(2)}", int(e.group(1))
     if name.endswith("rotary_emb.inv_freq"):
         return None
-    raise HibariError(f"unexpected tensor {name!r} in the HF checkpoint (not part of a Llama/Mistral model)")
+    raise HibariError(f"unexpected tensor {name!r} in the HF checkpoint (not part of a Llama/Mistral/Mixtral model)")
+
+
+def hibari_to_hf_names(name: str, n_experts: int | None = None) -> list[str]:
+    """hibari tensor name -> its HF tensor names: one, or one per expert (dim 0) for stacked experts."""
+    m = _BLOCK_RE.match(name)
+    e = _EXPERT_RE.match(m.group(2)) if m else None
+    if e is None:
+        return [hibari_to_hf_name(name)]
+    if n_experts is None:
+        raise HibariError(f"tensor {name!r}: stacked experts need the model's n_experts")
+    return [f"model.layers.{m.group(1)}.block_sparse_moe.experts.{i}.{e.group(1)}.weight" for i in range(n_experts)]
 
 
 def hibari_to_hf_name(name: str) -> str:
@@ -68,12 +90,16 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             p + "attention.wk.weight": (args.n_kv_heads * hd, d),
             p + "attention.wv.weight": (args.n_kv_heads * hd, d),
             p + "attention.wo.weight": (d, args.n_heads * hd),
-            p + "feed_forward.w1.weight": (args.ffn_hidden_dim, d),
-            p + "feed_forward.w3.weight": (args.ffn_hidden_dim, d),
-            p + "feed_forward.w2.weight": (d, args.ffn_hidden_dim),
             p + "attention_norm.weight": (d,),
             p + "ffn_norm.weight": (d,),
         })
+        h, e = args.ffn_hidden_dim, args.n_experts
+        if args.arch == "mixtral":
+            shapes.update({p + "feed_forward.router.weight": (e, d), p + "feed_forward.experts.w1": (e, h, d),
+                           p + "feed_forward.experts.w3": (e, h, d), p + "feed_forward.experts.w2": (e, d, h)})
+        else:
+            shapes.update({p + "feed_forward.w1.weight": (h, d), p + "feed_forward.w3.weight": (h, d),
+                           p + "feed_forward.w2.weight": (d, h)})
     return shapes
 
 
@@ -97,7 +123,7 @@ def model_args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelAr
     arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         mt = cfg.get("model_type")
-        if not archs and mt in ("llama", "mistral"):
+        if not archs and mt in ("llama", "mistral", "mixtral"):
             arch = mt
         else:
             raise HibariError(f"{source}: architectures {archs or mt!r} not supported "
@@ -105,12 +131,18 @@ def model_args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelAr
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise HibariError(f"{source}: {key}=true is not supported (Llama/Mistral use bias-free projections)")
+    if cfg.get("router_jitter_noise"):
+        raise HibariError(f"{source}: router_jitter_noise={cfg['router_jitter_noise']} is not supported (expected 0)")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise HibariError(f"{source}: hidden_act {act!r} not supported (expected 'silu')")
     try:
         theta, scaling = _rope_from_hf(cfg, source)
         n_heads = cfg["num_attention_heads"]
+        moe = {}
+        if arch == "mixtral":
+            moe = dict(n_experts=cfg["num_local_experts"], n_experts_per_tok=cfg.get("num_experts_per_tok", 2),
+                       router_aux_loss_coef=cfg.get("router_aux_loss_coef", 0.02))
         return ModelArgs(
             arch=arch,
             vocab_size=cfg["vocab_size"],
@@ -124,9 +156,10 @@ def model_args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelAr
             rope_theta=theta,
             rope_scaling=scaling,
             max_seq_len=cfg.get("max_position_embeddings", 4096),
-            sliding_window=cfg.get("sliding_window") if arch == "mistral" else None,
+            sliding_window=cfg.get("sliding_window") if arch in ("mistral", "mixtral") else None,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             init_std=cfg.get("initializer_range", 0.02),
+            **moe,
         )
     except KeyError as err:
         raise HibariError(f"{source}: missing field {err.args[0]!r}") from None
@@ -167,9 +200,13 @@ def hf_config_from_model_args(args: ModelArgs, base: dict | None = None, dtype: 
     })
     if args.rope_scaling is not None:
         cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if args.arch == "mistral":
+    if args.arch in ("mistral", "mixtral"):
         cfg["sliding_window"] = args.sliding_window
-    else:
+    if args.arch == "mixtral":
+        cfg.update({"num_local_experts": args.n_experts, "num_experts_per_tok": args.n_experts_per_tok,
+                    "router_aux_loss_coef": args.router_aux_loss_coef, "output_router_logits": False})
+        cfg.setdefault("router_jitter_noise", 0.0)
+    elif args.arch == "llama":
         cfg.setdefault("attention_bias", False)
         cfg.setdefault("mlp_bias", False)
     return cfg

@@ -14,12 +14,23 @@ from pathlib import Path
 
 import torch
 from hibari.errors import HibariError
+from megatron_ext.checkpoint.storage import tensor_bytes
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+
+def read_into(fd: int, buf: memoryview, offset: int, path: Path, name: str) -> None:
+    """Fill `buf` from file offset `offset` (several reads where the kernel returns short ones, e.g. > 2 GB)."""
+    done = 0
+    while done < len(buf):
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got <= 0:
+            raise HibariError(f"{path}: truncated while reading tensor {name!r}")
+        done += got
 
 
 class LazySafetensors:
@@ -76,13 +87,10 @@ class LazySafetensors:
         dtype, shape, begin, end = self._entries[name]
         if end == begin:
             return torch.empty(shape, dtype=dtype)
-        raw = os.pread(self._file.fileno(), end - begin, self._data_start + begin)
-        if len(raw) != end - begin:
-            raise HibariError(f"{self.path}: truncated while reading tensor {name!r}")
-        # copied into torch-owned (resizable) memory, so a consumer may free it early
-        # (see hibari_ckpt._LazySavePlanner); tensors sharing a Python buffer cannot be freed that way
+        # read straight into torch-owned (resizable) memory: one copy from the page cache, and a consumer may
+        # free it early (see _LazySavePlanner); tensors sharing a Python buffer cannot be freed that way
         t = torch.empty(shape, dtype=dtype)
-        t.reshape(-1).view(torch.uint8).copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        read_into(self._file.fileno(), tensor_bytes(t), self._data_start + begin, self.path, name)
         return t
 
     def close(self) -> None:
@@ -153,7 +161,8 @@ def write_safetensors_streaming(path: str | Path, specs: list[tuple[str, tuple[i
         for (name, shape, dtype), (got_name, t) in zip(specs, tensors, strict=True):
             if got_name != name or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                 raise ValueError(f"tensor stream out of order: expected {name}, got {got_name}")
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            t = t.contiguous()  # held in `t` while its bytes are written (the view does not own them)
+            f.write(tensor_bytes(t))  # the tensor's own bytes, no serialised copy
     tmp.replace(path)
 
 

@@ -1,11 +1,15 @@
-"""File I/O every package shares: atomic writes, JSON and JSONL / JSONL.zst files, input globs, output dirs."""
+"""File I/O every package shares: atomic writes, JSON and JSONL(.zst/.gz) files checked to the end, input globs,
+output dirs."""
 
 from __future__ import annotations
 
 import glob as _glob
+import gzip
 import io
 import json
 import os
+import shutil
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -59,28 +63,146 @@ def atomic_write(path: str | Path, mode: str = "wb"):
         raise
 
 
-def _open_text_read(path: Path):
-    if path.name.endswith(".zst"):
-        fh = open(path, "rb")
-        reader = zstandard.ZstdDecompressor().stream_reader(fh)
-        return io.TextIOWrapper(reader, encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+@contextmanager
+def staged_dir(out_dir: str | Path):
+    """Yield a hidden sibling directory to write into; it replaces `out_dir` only when the block succeeds. On any
+    failure (bad input found midway, full disk, Ctrl-C) the staging directory is removed and `out_dir` is left as it
+    was: no half-written output, an --overwrite target still intact. The caller decides whether replacing is allowed."""
+    out = Path(out_dir)
+    stage = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+_READ_CHUNK = 1 << 16  # compressed bytes per read: bounds what one decompress call can produce
+
+
+class _ZstdFrameReader(io.RawIOBase):
+    """Decompress a (multi-frame) zstd file and fail loudly when the last frame is unfinished or data is corrupt.
+
+    `zstandard`'s stream_reader returns a short, "complete"-looking result for a file cut inside a frame; here every
+    frame must reach its end mark, so truncation is an error naming the file and the byte offset where it ends."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._fh = open(path, "rb")
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # decompressobj of the frame being read (None between frames)
+        self._offset = 0  # compressed bytes consumed so far
+        self._pending = b""
+        self._at_end = False
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+    def _fill(self) -> None:
+        while not self._pending and not self._at_end:
+            chunk = self._fh.read(_READ_CHUNK)
+            if not chunk:
+                self._at_end = True
+                if self._offset == 0:
+                    raise HibariError(f"{self._path}: empty file, not a zstd stream (truncated at byte 0)")
+                if self._frame is not None:
+                    raise HibariError(f"{self._path}: truncated zstd file: it ends at byte {self._offset} inside an "
+                                      f"unfinished frame (copy or download it again)")
+                return
+            out, data = [], chunk
+            while data:
+                if self._frame is None:
+                    self._frame = self._dctx.decompressobj()
+                try:
+                    out.append(self._frame.decompress(data))
+                except zstandard.ZstdError as err:
+                    raise HibariError(f"{self._path}: corrupt zstd data near byte {self._offset} ({err})") from None
+                if self._frame.eof:  # frame complete; what follows belongs to the next frame
+                    data = self._frame.unused_data
+                    self._frame = None
+                else:
+                    data = b""
+            self._offset += len(chunk)
+            self._pending = b"".join(out)
+
+    def readinto(self, buf) -> int:
+        self._fill()
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def open_binary(path: str | Path):
+    """Open a plain, .zst or .gz file for binary reading, decompressed; compressed streams are checked to the end."""
+    path = Path(path)
+    try:
+        if path.name.endswith(".zst"):
+            return io.BufferedReader(_ZstdFrameReader(path), 1 << 20)
+        if path.name.endswith(".gz"):
+            if path.stat().st_size == 0:
+                raise HibariError(f"{path}: empty file, not a gzip stream (truncated at byte 0)")
+            return gzip.open(path, "rb")
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise HibariError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise HibariError(f"{path}: is a directory, expected a file") from None
+    except PermissionError:
+        raise HibariError(f"{path}: permission denied") from None
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line without the newline) of a plain/.zst/.gz file. A truncated or corrupt compressed
+    stream is a HibariError naming the file and byte offset, never a short read that looks complete."""
+    path = Path(path)
+    lineno = 0
+    with open_binary(path) as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                yield lineno, line.rstrip(b"\r\n") if line.endswith(b"\n") else line
+        except EOFError:  # gzip: "Compressed file ended before the end-of-stream marker was reached"
+            raise HibariError(f"{path}: truncated gzip file: it ends at byte {path.stat().st_size} inside an "
+                              f"unfinished member (after line {lineno}; copy or download it again)") from None
+        except (gzip.BadGzipFile, zlib.error, OSError) as err:
+            raise HibariError(f"{path}: corrupt compressed data after line {lineno} "
+                              f"({type(err).__name__}: {err})") from None
+
+
+def decode_line(path: Path, lineno: int, raw: bytes) -> str:
+    """UTF-8 text of one line; invalid UTF-8 is an error naming file, line and byte (never a raw traceback)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise HibariError(f"{path}:{lineno}: invalid UTF-8 at byte {err.start} of the line "
+                          f"(expected UTF-8 text)") from None
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
-    """Yield records of a JSONL or JSONL.zst file. A malformed line is an error naming file and line."""
+    """Yield records of a JSONL / JSONL.zst / JSONL.gz file. Bad input is an error naming the file and line (bad
+    JSON, invalid UTF-8, a non-object line) or the byte offset (truncated/corrupt compression): never a short read."""
     path = Path(path)
-    with _open_text_read(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise HibariError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(rec, dict):
-                raise HibariError(f"{path}:{lineno}: expected a JSON object per line")
-            yield rec
+    for lineno, raw in iter_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(decode_line(path, lineno, raw))
+        except json.JSONDecodeError as err:
+            raise HibariError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        except RecursionError:
+            raise HibariError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from None
+        if not isinstance(rec, dict):
+            raise HibariError(f"{path}:{lineno}: expected a JSON object per line")
+        yield rec
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict], level: int = 3) -> int:
@@ -105,3 +227,20 @@ def write_json(path: str | Path, data, *, indent: int | None = None, sort_keys: 
     """Atomically write one JSON document (temp file + rename): the project's one JSON writer for state/report files."""
     with atomic_write(path, "wb") as f:
         f.write(json.dumps(data, ensure_ascii=False, indent=indent, sort_keys=sort_keys).encode("utf-8"))
+
+
+def read_json_object(path: str | Path, what: str, error: type[HibariError] = HibariError) -> dict:
+    """One JSON object file (state, metadata, model files): the project's one checked JSON reader. Missing,
+    unreadable, invalid UTF-8/JSON or not an object is a one-line `error` naming the file and `what` it should hold."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: missing ({what})") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: unreadable {what} (invalid JSON at line {err.lineno}: {err.msg})") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as err:
+        raise error(f"{path}: unreadable {what} ({getattr(err, 'strerror', None) or type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: unreadable {what} (expected a JSON object)")
+    return data

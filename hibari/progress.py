@@ -28,9 +28,9 @@ class _RateColumn(ProgressColumn):
 
 
 class _Bar:
-    def __init__(self, progress, task_id, total, desc, unit, log_every_s: float):
+    def __init__(self, progress, task_id, total, desc, unit, log_every_s: float, initial: float = 0):
         self._progress, self._task, self.total, self.desc, self.unit = progress, task_id, total, desc, unit
-        self.done = 0
+        self.done = self._initial = initial
         self._t0 = time.perf_counter()
         self._last_log = self._t0
         self._log_every_s = log_every_s
@@ -39,7 +39,7 @@ class _Bar:
     @property
     def rate(self) -> float:
         elapsed = time.perf_counter() - self._t0
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return (self.done - self._initial) / elapsed if elapsed > 0 else 0.0
 
     def set_postfix(self, text: str) -> None:
         self.postfix = text
@@ -71,14 +71,16 @@ class _Bar:
 
 
 @contextmanager
-def progress_bar(total: float | None, desc: str, unit: str = "it", enabled: bool = True, log_every_s: float = 10.0):
+def progress_bar(total: float | None, desc: str, unit: str = "it", enabled: bool = True, log_every_s: float = 10.0,
+                 initial: float = 0):
+    """initial: work already done before this process (a resumed run shows 13/20, its rate counts only new work)."""
     if not enabled:
-        bar = _Bar(None, None, total, desc, unit, log_every_s=0)
+        bar = _Bar(None, None, total, desc, unit, log_every_s=0, initial=initial)
         yield bar
         return
     console = Console(stderr=True)
     if not console.is_terminal:
-        bar = _Bar(None, None, total, desc, unit, log_every_s=log_every_s)
+        bar = _Bar(None, None, total, desc, unit, log_every_s=log_every_s, initial=initial)
         try:
             yield bar
         finally:
@@ -88,6 +90,6 @@ def progress_bar(total: float | None, desc: str, unit: str = "it", enabled: bool
                _RateColumn(unit), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[postfix]}")]
     with Progress(*columns, console=console, transient=False) as prog:
-        task_id = prog.add_task(desc, total=total, postfix="")
-        bar = _Bar(prog, task_id, total, desc, unit, log_every_s=0)
+        task_id = prog.add_task(desc, total=total, postfix="", completed=initial)
+        bar = _Bar(prog, task_id, total, desc, unit, log_every_s=0, initial=initial)
         yield bar

@@ -1,1 +1,2 @@
-"""hibari launch: the `hibari` CLI, config loading, local and SLURM launchers."""
+"""The top layer: the `hibari` CLI (command registry), the local and SLURM training launchers, the demo. Nothing
+imports `launch`."""

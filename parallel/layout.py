@@ -28,6 +28,18 @@ def validate_layout(cfg: ParallelConfig, model_args, world_size: int) -> Paralle
                              ("ffn_hidden_dim", a.ffn_hidden_dim), ("vocab_size", a.vocab_size)):
             if value % cfg.tp:
                 raise HibariError(f"parallel.tp={cfg.tp}: model.{field}={value} is not divisible by tp")
+    if cfg.ep > 1:
+        n_experts = getattr(a, "n_experts", None)
+        if not n_experts:
+            raise HibariError(f"parallel.ep={cfg.ep}: needs a mixture-of-experts model (model.arch: mixtral)")
+        if n_experts % cfg.ep:
+            raise HibariError(f"parallel.ep={cfg.ep}: model.n_experts={n_experts} is not divisible by ep")
+        if dp_shard % cfg.ep:
+            raise HibariError(f"parallel.ep={cfg.ep}: must divide dp_shard={dp_shard} (experts are sharded over ep "
+                              f"ranks carved from the data-parallel ones)")
+        if cfg.dp_replicate != 1 or cfg.pp != 1:
+            raise HibariError(f"parallel.ep={cfg.ep}: supported with dp_replicate=1 and pp=1 so far (got "
+                              f"{cfg.dp_replicate}, {cfg.pp})")
     v = cfg.pp_stages_per_rank
     if cfg.pp > 1:
         if cfg.pp_schedule in SINGLE_STAGE_SCHEDULES and v != 1:

@@ -51,8 +51,13 @@ def make_data(steps: int = STEPS, batch: int = GLOBAL_BATCH, seq: int = SEQ, voc
     return out
 
 
-def train_run(engine, data, grad_accum: int = GRAD_ACCUM, max_norm: float = MAX_NORM, lr: float = LR, opt=None):
-    """AdamW steps over `data` with this engine's dp slice; returns ({dp-mean losses, grad norms, eval loss}, opt)."""
+def train_run(engine, data, grad_accum: int = GRAD_ACCUM, max_norm: float = MAX_NORM, lr: float = LR, opt=None,
+              per_micro_step: bool = False):
+    """AdamW steps over `data` with this engine's dp slice; returns ({dp-mean losses, grad norms, eval loss}, opt).
+
+    Gradients of one step come from `engine.forward_backward_step` over its micro-batches (what the trainer
+    calls), or with `per_micro_step` from one `engine.forward_backward` per micro-batch.
+    """
     if opt is None:
         opt = torch.optim.AdamW(list(engine.parameters()), lr=lr, weight_decay=0.1, foreach=True)
     losses, norms, evals = [], [], []
@@ -63,13 +68,16 @@ def train_run(engine, data, grad_accum: int = GRAD_ACCUM, max_norm: float = MAX_
         rows = slice(engine.dp_rank * per_rank, (engine.dp_rank + 1) * per_rank)
         tok, doc = tokens[rows], None if docs is None else docs[rows]
         micro = per_rank // grad_accum
-        step_loss = 0.0
-        for m in range(grad_accum):
-            r = slice(m * micro, (m + 1) * micro)
-            loss = engine.forward_backward(tok[r, :-1], tok[r, 1:], None if doc is None else doc[r, :-1],
-                                           loss_scale=1.0 / grad_accum, sync_grads=m == grad_accum - 1)
-            step_loss += float(engine.dp_mean(loss)) / grad_accum
-        norms.append(engine.clip_grad_norm_(max_norm))
+        batches = [(tok[r, :-1], tok[r, 1:], None if doc is None else doc[r, :-1])
+                   for r in (slice(m * micro, (m + 1) * micro) for m in range(grad_accum))]
+        if per_micro_step:
+            step_loss = 0.0
+            for m, (t, lab, d) in enumerate(batches):
+                loss = engine.forward_backward(t, lab, d, loss_scale=1.0 / grad_accum, sync_grads=m == grad_accum - 1)
+                step_loss += float(engine.dp_mean(loss)) / grad_accum
+        else:
+            step_loss = float(engine.dp_mean(engine.forward_backward_step(batches)))
+        norms.append(float(engine.clip_grad_norm_(max_norm)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
@@ -171,9 +179,11 @@ def run_layouts(rank: int, world: int, port: int, layouts: list[dict], out_dir: 
                           MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from megatron_ext.precision.config import PrecisionConfig
-    from parallel import Engine, ParallelConfig, destroy, init_distributed
+    from megatron_ext.models.llama_parallel import build_engine
+    from parallel import ParallelConfig, destroy, init_distributed
 
     info = init_distributed("gloo")
+    schedule_steps = _count_schedule_steps()
     results = {"_init": {"rank": info.rank, "world_size": info.world_size, "backend": info.backend,
                          "master": f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"}}
     data = make_data()
@@ -181,7 +191,7 @@ def run_layouts(rank: int, world: int, port: int, layouts: list[dict], out_dir: 
         for layout in layouts:
             name, cfg = layout["name"], ParallelConfig(**layout["parallel"])
             prec = PrecisionConfig(recipe=layout.get("precision", "fp32"))
-            engine = Engine.build(tiny_args(**layout.get("model", {})), cfg, prec, info, seed=SEED)
+            engine = build_engine(tiny_args(**layout.get("model", {})), cfg, prec, info, seed=SEED)
             res = {"dp_rank": engine.dp_rank, "pp_rank": engine.pp_rank, "tp_rank": engine.tp_rank,
                    "all_dtensor": all(type(p).__name__ == "DTensor" for p in engine.parameters())}
             if layout.get("load"):  # a checkpoint another layout wrote: DCP reshards on load
@@ -189,11 +199,19 @@ def run_layouts(rank: int, world: int, port: int, layouts: list[dict], out_dir: 
                                                Path(out_dir, f"params_{layout['load']}.pt"))
                 results[name] = res
                 continue
+            if layout.get("probe_grad_sync"):  # where do gradients live after a non-final micro-step?
+                tokens = data[0][0][:2]
+                engine.forward_backward(tokens[:, :-1], tokens[:, 1:], loss_scale=0.5, sync_grads=False)
+                res["reduced_after_micro_step"] = all(p.grad is not None for p in engine.parameters())
+                engine = build_engine(tiny_args(**layout.get("model", {})), cfg, prec, info, seed=SEED)
             if layout.get("comm_counts"):
                 res["comm"] = comm_counts_tp(engine, data[0][0][:2])
-                engine = Engine.build(tiny_args(**layout.get("model", {})), cfg, prec, info, seed=SEED)
-            run, opt = train_run(engine, data, lr=layout.get("lr", LR))
+                engine = build_engine(tiny_args(**layout.get("model", {})), cfg, prec, info, seed=SEED)
+            schedule_steps[0] = 0
+            run, opt = train_run(engine, data, lr=layout.get("lr", LR),
+                                 per_micro_step=layout.get("per_micro_step", False))
             res.update(run)
+            res["schedule_steps"] = schedule_steps[0]
             if layout.get("save"):
                 import torch.distributed.checkpoint as dcp
 
@@ -210,6 +228,28 @@ def run_layouts(rank: int, world: int, port: int, layouts: list[dict], out_dir: 
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         destroy()
+
+
+def _count_schedule_steps() -> list[int]:
+    """Count pipeline schedule steps (one per pipeline flush) of every schedule the engine builds."""
+    import parallel.engine
+
+    counter = [0]
+    build = parallel.engine.build_schedule
+
+    def counting_build(*args, **kwargs):
+        stages, schedule = build(*args, **kwargs)
+        step = schedule.step
+
+        def counted_step(*a, **kw):
+            counter[0] += 1
+            return step(*a, **kw)
+
+        schedule.step = counted_step
+        return stages, schedule
+
+    parallel.engine.build_schedule = counting_build
+    return counter
 
 
 def launch(world: int, layouts: list[dict], out_dir: str | Path, env_style: str = "torchrun") -> list[dict]:

@@ -6,14 +6,15 @@ import shutil
 import pytest
 import torch
 
-from megatron_ext.train import checkpoint as ckpt_mod
-from megatron_ext.train.checkpoint import find_latest
+from megatron_ext.checkpoint import find_latest
+from megatron_ext.checkpoint import storage as storage_mod
+from megatron_ext.train.checkpoint import CheckpointError
 from megatron_ext.train.loop import train
 from train_helpers import tiny_cfg
 
 
 def _model_tensors(step_dir):
-    from checkpoints.hibari_ckpt import iter_model_tensors
+    from megatron_ext.checkpoint import iter_model_tensors
 
     return dict(iter_model_tensors(step_dir))
 
@@ -29,20 +30,23 @@ def uninterrupted(tmp_path_factory):
 def test_crash_mid_save_then_bitwise_resume(tmp_path, uninterrupted, monkeypatch):
     ref_dir, ref = uninterrupted
     run = tmp_path / "run"
-    real_save = ckpt_mod.dcp.save
+    real_save = storage_mod.dcp.save
 
-    def crashing_save(state, checkpoint_id):
-        if "step_00000006" in str(checkpoint_id):
-            real_save({"model": state["model"]}, checkpoint_id=checkpoint_id)  # half the checkpoint hits the disk
-            raise OSError("simulated crash while writing the checkpoint")
-        return real_save(state, checkpoint_id=checkpoint_id)
+    def crashing_save(state, **kwargs):
+        if "step_00000006" in str(kwargs["storage_writer"].path):
+            real_save({"model": state["model"]}, **kwargs)  # half the checkpoint hits the disk
+            raise OSError(28, "No space left on device", str(kwargs["storage_writer"].path) + "/__0_0.distcp")
+        return real_save(state, **kwargs)
 
-    monkeypatch.setattr(ckpt_mod.dcp, "save", crashing_save)
-    with pytest.raises(OSError, match="simulated crash"):
+    monkeypatch.setattr(storage_mod.dcp, "save", crashing_save)
+    with pytest.raises(CheckpointError) as err:
         train(tiny_cfg(run))
-    monkeypatch.setattr(ckpt_mod.dcp, "save", real_save)
+    msg = str(err.value)
+    assert "\n" not in msg and "step 6" in msg and "__0_0.distcp: No space left on device" in msg, msg
+    assert "previous checkpoint step_00000003 is intact" in msg
+    monkeypatch.setattr(storage_mod.dcp, "save", real_save)
     root = run / "checkpoints"
-    assert (root / ".tmp_step_00000006").is_dir()  # the torn save stays out of sight
+    assert not (root / ".tmp_step_00000006").exists()  # the torn save is removed
     assert (root / "latest").read_text().strip() == "step_00000003" == find_latest(root).name
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
 
@@ -51,14 +55,13 @@ def test_crash_mid_save_then_bitwise_resume(tmp_path, uninterrupted, monkeypatch
     assert sorted(summary["losses"]) == [4, 5, 6]
     for step in (4, 5, 6):
         assert summary["losses"][step] == ref[step], (step, summary["losses"][step], ref[step])  # bit for bit
-    assert not (root / ".tmp_step_00000006").exists()
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # steps 4-6 of the crashed run were replaced
     a, b = _model_tensors(root / "step_00000006"), _model_tensors(ref_dir / "checkpoints" / "step_00000006")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = json.loads((root / "step_00000006" / "train_state.json").read_text())
     assert state["step"] == 6 and state["consumed_samples"] == 24
-    assert (root / "step_00000006" / "rng" / "rank_00000.pt").is_file()
+    assert (root / "step_00000006" / "rng" / "rank_00000.json").is_file()
 
 
 def test_async_save_resumes_bitwise_and_keeps_last_k(tmp_path, uninterrupted):
@@ -123,3 +126,48 @@ def test_sigusr1_saves_and_stops_then_resumes(tmp_path):
     assert find_latest(run / "checkpoints").name == f"step_{stopped:08d}"
     summary = train(tiny_cfg(run, train={"steps": 40}, checkpoint={"interval": 0}))
     assert not summary["preempted"] and summary["step"] == 40 and min(summary["losses"]) == stopped + 1
+
+
+def test_extending_a_run_reports_an_lr_jump_and_shows_the_global_step(tmp_path, uninterrupted, capsys):
+    """Resuming with a larger train.steps re-plans the cosine decay: the LR of the next step jumps. One line says so
+    (old and new LR) and metrics.jsonl records it; the progress bar counts global steps (8/8, not 2/2)."""
+    from megatron_ext.train.lr import lr_at
+    from megatron_ext.train.metrics import read_metrics
+
+    ref_dir, _ = uninterrupted
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir, run)
+    cfg = tiny_cfg(run, train={"steps": 8}, log={"progress": True})
+    capsys.readouterr()
+    summary = train(cfg)
+    err = capsys.readouterr().err
+    old, new = lr_at(6, cfg.lr, 6), lr_at(6, cfg.lr, 8)
+    assert old != new
+    assert f"LR at step 7 jumps {old:.4g} -> {new:.4g}" in err and "train.steps 6 -> 8" in err, err
+    events = read_metrics(run, events=True)
+    assert events == [{**events[0], "event": "lr_change", "step": 6, "old_lr": old, "new_lr": new}]
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 9))  # step records stay clean
+    assert sorted(summary["losses"]) == [7, 8]
+    assert "[train] 8/8 step" in err, err
+
+    # a schedule that does not move the planned steps (constant LR) resumes silently
+    run2 = tmp_path / "constant"
+    train(tiny_cfg(run2, lr={"schedule": "constant"}, train={"steps": 3}))
+    capsys.readouterr()
+    train(tiny_cfg(run2, lr={"schedule": "constant"}, train={"steps": 5}))
+    assert "jumps" not in capsys.readouterr().err
+    assert read_metrics(run2, events=True) == []
+
+
+def test_log_interval_reads_values_in_batches_same_numbers(tmp_path, uninterrupted):
+    """log.interval: 4 reads loss/grad norm (a host sync) only every 4 steps and before each save; the training and
+    every recorded value are the same as reading them each step, step times are averaged over the window."""
+    _, ref = uninterrupted
+    run = tmp_path / "run"
+    summary = train(tiny_cfg(run, log={"interval": 4}))
+    assert summary["losses"] == ref
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records] == [ref[s] for s in range(1, 7)]
+    # windows: steps 1-3 (read before the step-3 save), 4-6 (before the final save)
+    assert records[0]["step_time_s"] == records[2]["step_time_s"] != records[3]["step_time_s"]

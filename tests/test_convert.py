@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints.convert import hf_to_hibari, hibari_to_hf
-from checkpoints.hibari_ckpt import load_hibari
+from checkpoints import load_hibari
 from hf_models import VARIANTS, save_hf_model
 from hibari.errors import HibariError
 
@@ -160,3 +160,67 @@ def test_no_unsafe_torch_load():
                 if "weights_only=True" not in m.group(1):
                     offenders.append(f"{f.relative_to(root)}: {m.group(0)}")
     assert not offenders, offenders
+
+
+def test_checkpoint_code_never_unpickles():
+    """Loading a hibari checkpoint reads JSON and raw bytes only: no torch.load / pickle.load in the code that does."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for pkg in ("megatron_ext/checkpoint", "megatron_ext/train", "checkpoints"):
+        for f in (root / pkg).rglob("*.py"):
+            for m in re.finditer(r"(torch\.load|pickle\.loads?|torch\.serialization)\(", f.read_text(encoding="utf-8")):
+                offenders.append(f"{f.relative_to(root)}: {m.group(0)}")
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("direction", ["hf-to-hibari", "hibari-to-hf"])
+def test_failed_convert_leaves_no_partial_output(tmp_path, monkeypatch, direction):
+    """A conversion that fails midway (here: the disk fills after the first tensors) leaves no output directory, no
+    staging directory, and an --overwrite target exactly as it was."""
+    import checkpoints.convert as convert_mod
+    import checkpoints.hibari_ckpt as ckpt_mod
+
+    hf = save_hf_model("llama2_mha", tmp_path / "hf")
+    hf_to_hibari(hf, tmp_path / "ckpt")
+    calls = {"n": 0}
+    if direction == "hf-to-hibari":
+        real = ckpt_mod.save_model_state
+
+        def failing(state, out_dir, planner=None):
+            def loader(name):
+                calls["n"] += 1
+                if calls["n"] == 3:
+                    raise OSError(28, "No space left on device", str(out_dir) + "/__0_0.distcp")
+                return planner_loader(name)
+            planner_loader = planner._loader
+            planner._loader = loader
+            return real(state, out_dir, planner=planner)
+
+        monkeypatch.setattr(ckpt_mod, "save_model_state", failing)
+        run = lambda out, **kw: hf_to_hibari(hf, out, **kw)  # noqa: E731
+    else:
+        real = convert_mod.iter_model_tensors
+
+        def failing(ckpt_dir, names=None):
+            for i, item in enumerate(real(ckpt_dir, names)):
+                if i == 3:
+                    raise OSError(28, "No space left on device")
+                yield item
+
+        monkeypatch.setattr(convert_mod, "iter_model_tensors", failing)
+        run = lambda out, **kw: hibari_to_hf(tmp_path / "ckpt", out, max_shard_size="100KB", **kw)  # noqa: E731
+    with pytest.raises(OSError, match="No space left"):
+        run(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "keep.txt").write_text("precious")
+    calls["n"] = 0
+    with pytest.raises(OSError, match="No space left"):
+        run(kept, overwrite=True)
+    assert [p.name for p in kept.iterdir()] == ["keep.txt"]
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+

@@ -134,8 +134,12 @@ def test_errors_before_start(tmp_path, cfg):
     blocker.write_text("x")
     with pytest.raises(HibariError, match="output dir"):
         run_clean(str(warc), str(blocker / "sub"), cfg, show_progress=False)
-    with pytest.raises(HibariError, match="executor='slurm' needs a runner"):
-        run_clean(str(warc), str(tmp_path / "out"), cfg, executor="slurm", show_progress=False)
+    # two inputs that map to one output / task id: one line naming both (a file named twice is one input)
+    (tmp_path / "other").mkdir()
+    twin = write_warc(tmp_path / "other" / "a.warc", mixed_pages()[:1], gz=False)
+    with pytest.raises(HibariError, match=r"inputs .*a\.warc\.gz and .*other/a\.warc map to the same output a\.jsonl"):
+        run_clean([str(warc), str(twin)], str(tmp_path / "out"), cfg, show_progress=False)
+    assert not (tmp_path / "out" / ".state").exists()
     cfg.ngword.paths = [str(tmp_path / "missing-ng.txt")]
     with pytest.raises(HibariError, match="ngword.paths"):
         run_clean(str(warc), str(tmp_path / "out"), cfg, show_progress=False)

@@ -178,7 +178,7 @@ def test_resume_and_parameter_guard(tmp_path):
     run_dedup(both, out, SMALL, show_progress=False)
     assert read_output(out) == before
     assert (state / "sig" / "CC-MAIN-2023-14-00000.jsonl.zst.bands.npy").stat().st_mtime_ns == mtime
-    with pytest.raises(HibariError, match="other parameters .*bands"):
+    with pytest.raises(HibariError, match="different run .*config bands: 9 -> 40.*--overwrite"):
         run_dedup(both, out, DedupConfig(plot=False), show_progress=False)
 
 
@@ -235,12 +235,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, msg):
 
 
 def test_bad_input_dirs(tmp_path):
-    with pytest.raises(HibariError, match="not a directory"):
+    with pytest.raises(HibariError, match="no such file or directory"):
         run_dedup(tmp_path / "missing", tmp_path / "out", show_progress=False)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(HibariError, match="no \\*.jsonl.zst shards"):
+    with pytest.raises(HibariError, match="directory without documents"):
         run_dedup(tmp_path / "empty", tmp_path / "out", show_progress=False)
-    with pytest.raises(HibariError, match="inside it"):
+    with pytest.raises(HibariError, match="must not be an input directory or inside one"):
         run_dedup(tmp_path / "empty", tmp_path / "empty" / "out", show_progress=False)
 
 

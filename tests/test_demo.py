@@ -123,7 +123,8 @@ def test_english_corpus():
 
 # ----------------------------------------------------------------------------------------------------------------
 def test_missing_command_stops_with_one_line(tmp_path):
-    from launch.demo import Demo, Step, prepare_workdir
+    from launch.demo import prepare_workdir
+    from launch.demo_steps import Demo, Step
     from hibari.errors import HibariError
 
     prepare_workdir(tmp_path / "w")

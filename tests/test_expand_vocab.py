@@ -7,7 +7,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -108,22 +107,23 @@ def test_expand_vocab_hf(tmp_path, tokenizers, tied):
 
 
 def test_expand_vocab_hibari_ckpt(tmp_path, tokenizers):
-    hibari_ckpt = pytest.importorskip("checkpoints.hibari_ckpt")
+    from checkpoints import load_hibari
     from checkpoints.convert import hf_to_hibari
     from checkpoints.expand_vocab import expand_hibari
+    from megatron_ext.checkpoint import load_model_state
 
     root, base, merged, stats = tokenizers
     src = _model_dir(tmp_path, base, "src", stats["base_vocab_size"], tied=False)
     hf_to_hibari(src, tmp_path / "ckpt")
     s = expand_hibari(tmp_path / "ckpt", merged, tmp_path / "ckpt2", base_tokenizer=base)
     assert s["padded_vocab_size"] == stats["padded_vocab_size"]
-    old_state, _ = hibari_ckpt.load_hibari_state(tmp_path / "ckpt")
-    new_state, meta = hibari_ckpt.load_hibari_state(tmp_path / "ckpt2")
+    old_state, _ = load_model_state(tmp_path / "ckpt")
+    new_state, meta = load_model_state(tmp_path / "ckpt2")
     assert meta["model"]["vocab_size"] == stats["padded_vocab_size"]
     for n in ("tok_embeddings.weight", "output.weight"):
         assert torch.equal(new_state[n][:stats["base_vocab_size"]], old_state[n])
-    old_model = hibari_ckpt.load_hibari(tmp_path / "ckpt")
-    new_model = hibari_ckpt.load_hibari(tmp_path / "ckpt2")
+    old_model = load_hibari(tmp_path / "ckpt")
+    new_model = load_hibari(tmp_path / "ckpt2")
     ids = torch.tensor([[1, 5, 9, 30, 200, 7]])
     with torch.no_grad():
         torch.testing.assert_close(new_model(ids)[..., :stats["base_vocab_size"]], old_model(ids), rtol=0, atol=1e-5)
@@ -134,7 +134,7 @@ def test_expand_vocab_bad_input(tmp_path, tokenizers, capsys):
 
     root, base, merged, stats = tokenizers
     small = _model_dir(tmp_path, base, "small", stats["base_vocab_size"] - 10, tied=False)
-    with pytest.raises(HibariError, match=r"embeddings have \d+ rows but the base tokenizer .* has \d+ pieces"):
+    with pytest.raises(HibariError, match=r"embeddings have \d+ rows but the base tokenizer .* has \d+ tokens"):
         expand_hf(small, merged, tmp_path / "o1")
     other = make_base_tokenizer(tmp_path / "other", vocab_size=400)
     src = _model_dir(tmp_path, base, "src", stats["base_vocab_size"], tied=False)

@@ -139,10 +139,22 @@ def test_data_tokenize_cli_tokens_skips_and_megatron_parity(tmp_path, tokenizer_
     mds = _megatron_reader()(str(tmp_path / "out" / "mix"))
     assert all(np.array_equal(mds[i], ds[i]) for i in range(len(ds)))
     assert not (tmp_path / "out" / "mix.parts").exists()  # parts are removed after the merge
-    # a completed output is not redone
+    # a completed output is not redone by the same command ...
     assert hibari(["data", "tokenize", "--input", *inputs, "--tokenizer", str(tokenizer_dir), "--output",
-                   str(tmp_path / "out" / "mix")]) == 0
+                   str(tmp_path / "out" / "mix"), "--append-eod"]) == 0
     assert "already complete" in capsys.readouterr().out
+    # ... and never returned for other options or inputs: refused naming the change, unless --overwrite
+    assert hibari(["data", "tokenize", "--input", *inputs, "--tokenizer", str(tokenizer_dir), "--output",
+                   str(tmp_path / "out" / "mix")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "options append_eod: true -> false" in err and "--overwrite" in err
+    assert hibari(["data", "tokenize", "--input", inputs[0], "--tokenizer", str(tokenizer_dir), "--output",
+                   str(tmp_path / "out" / "mix"), "--append-eod"]) == 2
+    assert "input b.jsonl removed" in capsys.readouterr().err
+    assert hibari(["data", "tokenize", "--input", inputs[0], "--tokenizer", str(tokenizer_dir), "--output",
+                   str(tmp_path / "out" / "mix"), "--append-eod", "--overwrite", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["documents"] == 60
+    assert IndexedDataset(tmp_path / "out" / "mix").num_tokens < ds.num_tokens
 
 
 def test_parallel_output_is_identical_and_resume_redoes_only_failed_shards(tmp_path, tokenizer_dir):

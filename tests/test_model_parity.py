@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from checkpoints.convert import hf_to_hibari
-from checkpoints.hibari_ckpt import load_hibari
+from checkpoints import load_hibari
 from hf_models import VARIANTS, save_hf_model, make_hf_model
 
 

@@ -47,10 +47,7 @@ def _assert_matches_reference(x: torch.Tensor, tile, rounding="rne", seed=0):
 
 @pytest.mark.parametrize("tile", [(1, 16), (16, 16)])
 @pytest.mark.parametrize("rounding", ["rne", "stochastic"])
-@pytest.mark.parametrize("chunk_elements", [None, 100])
-def test_bit_identical_to_scalar_reference_on_random_tensors(tile, rounding, chunk_elements, monkeypatch):
-    if chunk_elements:  # the element-wise tail runs on row chunks: 2-row chunks cut through 16x16 tiles
-        monkeypatch.setattr(nvfp4, "_CHUNK_ELEMENTS", chunk_elements)
+def test_bit_identical_to_scalar_reference_on_random_tensors(tile, rounding):
     torch.manual_seed(1)
     for scale in (1.0, 3e-3, 7e4, 1e-35):
         x = torch.randn(32, 48) * scale
@@ -255,3 +252,36 @@ def test_reference_e4m3_table_agrees_with_torch_cast():
     ours = [e4m3_round(np.float32(p))[0] for p in probes.tolist()]
     theirs = torch.clamp(probes, max=448).to(torch.float8_e4m3fn).view(torch.uint8).tolist()
     assert ours == theirs
+
+
+def _tie_rich_tensor() -> torch.Tensor:
+    """Random blocks plus one unit-scale block holding every E2M1 midpoint, its float neighbours, -0.0 and > 6."""
+    torch.manual_seed(3)
+    x = torch.randn(48, 32) * torch.exp(torch.randn(48, 1) * 2)
+    x[0] = _unit_tensor()[0]
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    x[0, :15] = torch.cat([torch.tensor([6.0]), mids, -torch.nextafter(mids, torch.tensor(10.0))])
+    x[1, :16] = torch.cat([torch.nextafter(mids, torch.tensor(0.0)), -mids, torch.tensor([-0.0, 7.5])])
+    x[1, 16:] = _unit_tensor()[0, 16:]
+    return x
+
+
+@pytest.mark.parametrize("by_comparisons", [False, True])
+def test_both_rne_paths_of_quantize_many_match_the_reference(by_comparisons):
+    # bucketize (training path: fewest ops) and uint8 comparison passes (standalone CPU path: fastest)
+    x = _tie_rich_tensor()
+    codes, scale_bytes, _ = quantize_reference(x.numpy(), (1, 16))
+    q = nvfp4.quantize_many([x], [1], "rne", want_values=[True], want_codes=[True], values_dtype=torch.float32,
+                            rne_by_comparisons=by_comparisons)
+    got = nvfp4.NVFP4Tensor(q.codes[0], q.scales[0], q.amax[0], tuple(x.shape), (1, 16))
+    np.testing.assert_array_equal(got.element_codes().numpy(), codes)
+    np.testing.assert_array_equal(q.scales[0].view(torch.uint8).numpy(), scale_bytes)
+    assert torch.equal(q.values[0], got.dequantize_unscaled())
+
+
+@pytest.mark.parametrize("tile", [(1, 16), (16, 16)])
+@pytest.mark.parametrize("rounding", ["rne", "stochastic"])
+def test_cpu_row_chunks_give_the_reference_bits(monkeypatch, tile, rounding):
+    # chunks of 32 rows over 48: two chunks, the last one short (and a 16x16 tile never split)
+    monkeypatch.setattr(nvfp4, "CPU_CHUNK_ELEMENTS", 32 * 32)
+    _assert_matches_reference(_tie_rich_tensor(), tile, rounding, seed=4)

@@ -6,17 +6,23 @@ Multi-process layouts (TP/SP, PP schedules, FSDP2/HSDP and their combinations) a
 from __future__ import annotations
 
 import math
+import typing
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hibari.errors import HibariError
 from megatron_ext.models.llama import Transformer
 from megatron_ext.precision.config import PrecisionConfig
-from parallel import DistInfo, Engine, ParallelConfig, init_distributed, peak_flops, validate_layout
 from hibari.env import first_slurm_host, resolve_env
-from parallel.engine import last_stage_owner, local_stage_ids, stage_layer_ids
+from megatron_ext.models.llama_parallel import LlamaPlan, build_engine
+from megatron_ext.precision.config import Recipe
+from parallel import DistInfo, ParallelConfig, init_distributed, peak_flops, validate_layout
+from parallel.dist import check_gpus_per_node, cuda_env
+from parallel.flops import RECIPE_GEMM_DTYPE, peak_flops_for
+from parallel.pipeline import last_stage_owner, local_stage_ids, stage_layer_ids, stage_owner
 from parallel_worker import SEED, make_data, tiny_args, train_run
 
 ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
@@ -56,12 +62,11 @@ def test_validate_layout_errors_are_one_line(cfg, world, model, fragment):
 
 
 def test_quantized_recipe_keeps_the_models_first_and_last_blocks_in_bf16_under_pp():
-    from parallel.engine import build_stage_model
-
     prec = PrecisionConfig(recipe="fp8_tensorwise", bf16_first_layers=1, bf16_last_layers=1)
+    plan = LlamaPlan(tiny_args(), prec)
     kinds = {}
     for stage in range(2):
-        part = build_stage_model(tiny_args(), stage, 2, prec)
+        part = plan.build_stage(stage_layer_ids(stage, 2, 4), first=stage == 0, last=stage == 1)
         kinds.update({k: type(b.attention.wq).__name__ for k, b in part.layers.items()})
     assert kinds == {"0": "Linear", "1": "QuantizedLinear", "2": "QuantizedLinear", "3": "Linear"}
 
@@ -70,7 +75,13 @@ def test_stage_placement():
     assert stage_layer_ids(1, 4, 8) == [2, 3]
     assert local_stage_ids(0, 2, 2, "interleaved_1f1b") == [0, 2]
     assert local_stage_ids(1, 4, 2, "zbv") == [1, 6]
-    assert (last_stage_owner(4, "zbv"), last_stage_owner(4, "1f1b")) == (0, 3)
+    assert (last_stage_owner(4, 2, "zbv"), last_stage_owner(4, 1, "1f1b"), last_stage_owner(2, 2, "interleaved_1f1b")) \
+        == (0, 3, 1)
+    # the one stage -> rank map: every stage has exactly one owner, and local_stage_ids is its inverse
+    for pp, v, schedule in ((4, 2, "zbv"), (2, 2, "interleaved_1f1b"), (4, 1, "1f1b")):
+        owned = sorted(s for r in range(pp) for s in local_stage_ids(r, pp, v, schedule))
+        assert owned == list(range(pp * v))
+        assert all(stage_owner(s, pp, schedule) == r for r in range(pp) for s in local_stage_ids(r, pp, v, schedule))
 
 
 # --------------------------------------------------------------------------------------------- dist init
@@ -141,11 +152,12 @@ def _plain_reference(data, grad_accum=2, max_norm=1.0, lr=1e-2):
     return losses, norms
 
 
-def test_single_process_engine_matches_plain_pytorch():
+@pytest.mark.parametrize("per_micro_step", [False, True], ids=["forward_backward_step", "forward_backward"])
+def test_single_process_engine_matches_plain_pytorch(per_micro_step):
     data = make_data()
-    engine = Engine.build(tiny_args(), ParallelConfig(), PrecisionConfig(recipe="fp32"), ONE, seed=SEED)
+    engine = build_engine(tiny_args(), ParallelConfig(), PrecisionConfig(recipe="fp32"), ONE, seed=SEED)
     assert engine.mesh is None and engine.dp_size == 1 and engine.is_last_stage
-    run, _ = train_run(engine, data)
+    run, _ = train_run(engine, data, per_micro_step=per_micro_step)
     ref_losses, ref_norms = _plain_reference(data)
     assert max(abs(a - b) for a, b in zip(run["losses"], ref_losses)) <= 1e-6
     assert max(abs(a - b) / b for a, b in zip(run["norms"], ref_norms)) <= 1e-5
@@ -153,7 +165,7 @@ def test_single_process_engine_matches_plain_pytorch():
 
 
 def test_tied_embeddings_stay_tied():
-    engine = Engine.build(tiny_args(tie_embeddings=True), ParallelConfig(), None, ONE, seed=SEED)
+    engine = build_engine(tiny_args(tie_embeddings=True), ParallelConfig(), None, ONE, seed=SEED)
     model = engine.model_parts[0]
     assert model.output.weight is model.tok_embeddings.weight
     assert len(list(engine.parameters())) == len(list(Transformer(tiny_args(tie_embeddings=True)).parameters()))
@@ -162,23 +174,23 @@ def test_tied_embeddings_stay_tied():
 def test_init_is_seeded_and_full_state_overrides():
     torch.manual_seed(SEED)
     ref = Transformer(tiny_args()).state_dict()
-    engine = Engine.build(tiny_args(), ParallelConfig(), None, ONE, seed=SEED)
+    engine = build_engine(tiny_args(), ParallelConfig(), None, ONE, seed=SEED)
     sd = engine.model_state_dict()
     assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
     assert list(sd)[0] == "tok_embeddings.weight" and list(sd)[-1] == "output.weight"
     override = {k: torch.full_like(v, 0.5) for k, v in ref.items()}
-    engine = Engine.build(tiny_args(), ParallelConfig(), None, ONE, seed=SEED, full_state_dict=override)
+    engine = build_engine(tiny_args(), ParallelConfig(), None, ONE, seed=SEED, full_state_dict=override)
     assert all(torch.equal(v, override[k]) for k, v in engine.model_state_dict().items())
     with pytest.raises(HibariError, match="missing"):
-        Engine.build(tiny_args(), ParallelConfig(), None, ONE, seed=SEED,
+        build_engine(tiny_args(), ParallelConfig(), None, ONE, seed=SEED,
                      full_state_dict={k: v for k, v in ref.items() if k != "norm.weight"})
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_activation_checkpointing_keeps_numbers_and_names(mode):
     data = make_data(steps=2)
-    base, _ = train_run(Engine.build(tiny_args(), ParallelConfig(), None, ONE, seed=SEED), data)
-    engine = Engine.build(tiny_args(), ParallelConfig(activation_checkpoint=mode, ac_every_n_layers=2), None, ONE,
+    base, _ = train_run(build_engine(tiny_args(), ParallelConfig(), None, ONE, seed=SEED), data)
+    engine = build_engine(tiny_args(), ParallelConfig(activation_checkpoint=mode, ac_every_n_layers=2), None, ONE,
                           seed=SEED)
     wrapped = [k for k, b in engine.model_parts[0].layers.items() if type(b).__name__ == "CheckpointWrapper"]
     assert wrapped == (["0", "1", "2", "3"] if mode == "full" else ["0", "2"])
@@ -190,28 +202,88 @@ def test_activation_checkpointing_keeps_numbers_and_names(mode):
 
 def test_bf16_runs_under_autocast_close_to_fp32():
     data = make_data(steps=2)
-    fp32, _ = train_run(Engine.build(tiny_args(), ParallelConfig(), PrecisionConfig(recipe="fp32"), ONE,
+    fp32, _ = train_run(build_engine(tiny_args(), ParallelConfig(), PrecisionConfig(recipe="fp32"), ONE,
                                      seed=SEED), data)
-    bf16, _ = train_run(Engine.build(tiny_args(), ParallelConfig(), PrecisionConfig(recipe="bf16"), ONE,
+    bf16, _ = train_run(build_engine(tiny_args(), ParallelConfig(), PrecisionConfig(recipe="bf16"), ONE,
                                      seed=SEED), data)
     diff = max(abs(a - b) for a, b in zip(fp32["losses"], bf16["losses"]))
     assert 0 < diff <= 3e-2  # bf16 really ran (not identical) and stays close
 
 
 def test_clip_measures_only_with_nonpositive_max_norm():
-    engine = Engine.build(tiny_args(), ParallelConfig(), None, ONE, seed=SEED)
+    engine = build_engine(tiny_args(), ParallelConfig(), None, ONE, seed=SEED)
     tokens = make_data(steps=1)[0][0]
     engine.forward_backward(tokens[:, :-1], tokens[:, 1:])
     before = [p.grad.clone() for p in engine.parameters()]
-    norm = engine.clip_grad_norm_(0.0)
+    norm_t = engine.clip_grad_norm_(0.0)
+    assert norm_t.dim() == 0 and norm_t.dtype == torch.float32 and norm_t.device == engine.device
+    norm = float(norm_t)
     assert norm == pytest.approx(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in before]))), rel=1e-6)
     assert all(torch.equal(a, p.grad) for a, p in zip(before, engine.parameters()))
-    assert engine.clip_grad_norm_(norm / 2) == pytest.approx(norm, rel=1e-6)
-    assert engine.clip_grad_norm_(0.0) == pytest.approx(norm / 2, rel=1e-4)
+    assert float(engine.clip_grad_norm_(norm / 2)) == pytest.approx(norm, rel=1e-6)
+    assert float(engine.clip_grad_norm_(0.0)) == pytest.approx(norm / 2, rel=1e-4)
+    assert float(engine.clip_grad_norm_(norm)) == pytest.approx(norm / 2, rel=1e-4)  # below max_norm: unchanged
+
+
+class _HostSyncCounter(TorchDispatchMode):
+    """Counts ops that copy a device value to the host (`.item()`, `float(t)`, `bool(t)`, `.tolist()`)."""
+
+    SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.equal", "aten.is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+        self.n_ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n_ops += 1
+        if str(func).startswith(self.SYNC_OPS):
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_engine_step_makes_no_host_sync():
+    """forward_backward_step + clip_grad_norm_ (clipping active) read nothing back to the host."""
+    engine = build_engine(tiny_args(), ParallelConfig(), None, ONE, seed=SEED)
+    tokens, docs = make_data(steps=2)[1]
+    batches = [(tokens[r, :-1], tokens[r, 1:], docs[r, :-1]) for r in (slice(0, 4), slice(4, 8))]
+    with _HostSyncCounter() as counter:
+        loss = engine.forward_backward_step(batches)
+        norm = engine.clip_grad_norm_(1e-3)
+    assert counter.n_ops > 100 and counter.syncs == []
+    assert float(norm) > 1e-3 and math.isfinite(float(loss))
+    assert float(engine.clip_grad_norm_(0.0)) == pytest.approx(1e-3, rel=1e-3)  # it did clip
+    with _HostSyncCounter() as counter:  # the counter does see a sync when there is one
+        float(loss)
+    assert counter.syncs == ["aten._local_scalar_dense.default"]
+
+
+def test_cuda_env_and_gpus_per_node():
+    assert cuda_env(tp=2, dp=1) == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+                                    "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in cuda_env(tp=2, dp=2)  # would serialise FSDP comms with compute
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in cuda_env(tp=1, dp=1)
+    check_gpus_per_node(8, gpus=8)
+    check_gpus_per_node(4, gpus=0)  # no GPU: gloo on CPU runs any number of ranks
+    with pytest.raises(HibariError) as err:
+        check_gpus_per_node(4, gpus=1)
+    assert "\n" not in str(err.value) and "4 ranks per node" in str(err.value) and "--nproc 1" in str(err.value)
+
+
+def test_peak_flops_by_exact_device_name():
+    assert peak_flops_for("NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)
+    assert peak_flops_for("NVIDIA H100 PCIe") == pytest.approx(756.5e12)  # not the SXM number
+    assert peak_flops_for("NVIDIA H100 NVL", "fp8") == pytest.approx(1670.5e12)
+    assert peak_flops_for("NVIDIA H200", "fp8") == pytest.approx(2 * peak_flops_for("NVIDIA H200"), rel=1e-3)
+    assert peak_flops_for("NVIDIA B200", "fp4") == pytest.approx(9e15)
+    assert peak_flops_for("NVIDIA A100-SXM4-80GB", "fp8") is None  # no FP8 tensor cores
+    assert peak_flops_for("NVIDIA H100 PCIe", "fp4") is None
+    assert peak_flops_for("Some Future GPU") is None
+    assert set(RECIPE_GEMM_DTYPE) == set(typing.get_args(Recipe))
 
 
 def test_forward_loss_and_bad_batches():
-    engine = Engine.build(tiny_args(), ParallelConfig(), None, ONE, seed=SEED)
+    engine = build_engine(tiny_args(), ParallelConfig(), None, ONE, seed=SEED)
     tokens = make_data(steps=1)[0][0]
     engine.set_train(False)
     val = engine.forward_loss(tokens[:, :-1], tokens[:, 1:])
@@ -227,13 +299,13 @@ def test_dcp_round_trip_of_model_and_optimizer(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     data = make_data(steps=3)
-    engine = Engine.build(tiny_args(), ParallelConfig(), None, ONE, seed=SEED)
+    engine = build_engine(tiny_args(), ParallelConfig(), None, ONE, seed=SEED)
     _, opt = train_run(engine, data[:2])
     dcp.save({"model": engine.model_state_dict(), "optimizer": engine.optimizer_state_dict(opt)},
              checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
     cont, _ = train_run(engine, data[2:], opt=opt)
 
-    fresh = Engine.build(tiny_args(), ParallelConfig(), None, ONE, seed=SEED + 1)
+    fresh = build_engine(tiny_args(), ParallelConfig(), None, ONE, seed=SEED + 1)
     fresh_opt = torch.optim.AdamW(list(fresh.parameters()), lr=1e-2, weight_decay=0.1, foreach=True)
     state = {"model": fresh.model_state_dict(), "optimizer": fresh.optimizer_state_dict(fresh_opt)}
     assert all(k.startswith(("tok_embeddings", "layers.", "norm", "output")) for k in state["model"])
@@ -243,3 +315,22 @@ def test_dcp_round_trip_of_model_and_optimizer(tmp_path):
     assert {float(s["step"]) for s in fresh_opt.state_dict()["state"].values()} == {2.0}
     resumed, _ = train_run(fresh, data[2:], opt=fresh_opt)
     assert resumed == cont  # bitwise: same weights, same optimizer moments
+
+
+def test_parallel_imports_no_model_and_nothing_above_it():
+    """parallel/ is model-agnostic: no import (lazy ones included) of megatron_ext, checkpoints, data_pipeline,
+    launch; models reach it through a ModelPlan."""
+    import ast
+    from pathlib import Path
+
+    import parallel
+
+    above = {"megatron_ext", "checkpoints", "data_pipeline", "launch"}
+    found = []
+    files = sorted(Path(parallel.__file__).parent.glob("*.py"))
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [(path.name, n) for n in names if n.split(".")[0] in above]
+    assert len(files) >= 8 and found == []

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from megatron_ext.precision.config import PrecisionConfig
-from parallel import DistInfo, Engine, ParallelConfig
-from parallel_worker import BF16_LR, LR, SEED, STEPS, launch, make_data, tiny_args, train_run
+from megatron_ext.models.llama_parallel import build_engine
+from parallel import DistInfo, ParallelConfig
+from parallel_worker import BF16_LR, GRAD_ACCUM, LR, SEED, STEPS, launch, make_data, tiny_args, train_run
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +25,12 @@ LAYOUTS_2 = [
     {"name": "tp2", "parallel": {"tp": 2}, "comm_counts": True, "save": True},
     {"name": "tp2_no_sp_no_loss_parallel", "parallel": {"tp": 2, "sequence_parallel": False,
                                                         "loss_parallel": False}},
-    {"name": "fsdp2_ac_full", "parallel": {"dp_shard": 2, "activation_checkpoint": "full"}},
+    {"name": "fsdp2_ac_full", "parallel": {"dp_shard": 2, "activation_checkpoint": "full"}, "probe_grad_sync": True},
+    {"name": "fsdp2_no_sync", "parallel": {"dp_shard": 2, "fsdp_no_sync_accumulation": True},
+     "probe_grad_sync": True},
     {"name": "pp2_gpipe", "parallel": {**PP2, "pp_schedule": "gpipe"}},
     {"name": "pp2_1f1b", "parallel": {**PP2, "pp_schedule": "1f1b"}},
+    {"name": "pp2_1f1b_per_micro_step", "parallel": {**PP2, "pp_schedule": "1f1b"}, "per_micro_step": True},
     {"name": "pp2_interleaved_1f1b", "parallel": {"pp": 2, "pp_schedule": "interleaved_1f1b",
                                                   "pp_stages_per_rank": 2}},
     {"name": "pp2_interleaved_zb", "parallel": {"pp": 2, "pp_schedule": "interleaved_zb", "pp_stages_per_rank": 2}},
@@ -64,7 +68,7 @@ def reference():
     out = {}
     for recipe, lr, tied in (("fp32", LR, False), ("bf16", BF16_LR, False), ("fp32", LR, True)):
         # bf16: autocast with fp32 master weights
-        engine = Engine.build(tiny_args(tie_embeddings=tied), ParallelConfig(), PrecisionConfig(recipe=recipe), one,
+        engine = build_engine(tiny_args(tie_embeddings=tied), ParallelConfig(), PrecisionConfig(recipe=recipe), one,
                               seed=SEED)
         out[recipe, tied] = train_run(engine, make_data(), lr=lr)[0]
     return out
@@ -113,6 +117,25 @@ def test_layout_matches_one_process(results, reference, world, layout):
     assert len(coords) == world  # every rank has its own place in the mesh
 
 
+def test_pipeline_runs_one_schedule_step_per_optimizer_step(results):
+    """Gradient accumulation is folded into the pipeline's micro-batches: one flush per optimizer step (the
+    per-micro-step API, kept for callers that drive micro-steps themselves, flushes once per micro-step)."""
+    for world, layouts in ((2, LAYOUTS_2), (4, LAYOUTS_4), (8, LAYOUTS_8)):
+        for lay in layouts:
+            if lay["parallel"].get("pp", 1) == 1 or "load" in lay:
+                continue
+            expected = STEPS * (GRAD_ACCUM if lay.get("per_micro_step") else 1)
+            assert [r[lay["name"]]["schedule_steps"] for r in results[world]] == [expected] * world, lay["name"]
+    assert all(r["tp2"]["schedule_steps"] == 0 for r in results[2])
+
+
+def test_fsdp_reduces_every_micro_step_unless_no_sync_is_chosen(results):
+    """Default: a non-final micro-step already reduce-scatters into sharded .grad (no unsharded fp32 gradient
+    copy); `fsdp_no_sync_accumulation` holds gradients back until the last micro-step."""
+    assert [r["fsdp2_ac_full"]["reduced_after_micro_step"] for r in results[2]] == [True, True]
+    assert [r["fsdp2_no_sync"]["reduced_after_micro_step"] for r in results[2]] == [False, False]
+
+
 def test_tp_sp_collectives_per_block(results):
     """TP + SP: each block does 2 all-gathers + 2 reduce-scatters forward, the same backward, nothing else."""
     comm = results[2][0]["tp2"]["comm"]["per_module"]
@@ -145,4 +168,4 @@ def test_checkpoint_reshards_across_layouts(results, world, name):
     total = sum(r[name]["load"]["n_params"] for r in results[world] if r[name]["tp_rank"] == 0
                 and r[name]["dp_rank"] == 0)
     one = DistInfo(0, 1, 0, torch.device("cpu"), None)
-    assert total == len(dict(Engine.build(tiny_args(), ParallelConfig(), None, one, seed=0).named_parameters()))
+    assert total == len(dict(build_engine(tiny_args(), ParallelConfig(), None, one, seed=0).named_parameters()))

@@ -1,6 +1,7 @@
 """Tensor parallel and FSDP2 (2 gloo processes): sharded quantized MLPs quantize exactly like the unsharded one.
 
-One launch, several checks: for NVFP4, FP8 tensorwise and FP8 rowwise, with and without sequence parallel, every
+One launch, several checks: for NVFP4 (RNE, and with stochastic rounding on: its counter-based noise is keyed by the
+element's global position), FP8 tensorwise and FP8 rowwise, with and without sequence parallel, every
 quantized GEMM operand of the TP2 run equals (bit for bit) the matching slice of the TP1 run's operand, outputs and
 gradients agree to fp32 summation-order noise, and without the cross-rank amax reduction the operands differ (so the
 check can fail). FSDP2 (fully_shard): forward bit-identical to the unsharded module, gradients equal to the
@@ -28,7 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _mlp(recipe_name: str):
+def _mlp(recipe_name: str, sr: bool = False):
     from megatron_ext.models.llama import FeedForward
     from megatron_ext.precision import PrecisionConfig, QuantizedLinear
     from megatron_ext.precision.linear import RECIPES
@@ -37,7 +38,7 @@ def _mlp(recipe_name: str):
     ff = FeedForward(64, 128)
     with torch.no_grad():
         ff.w2.weight[5, 70] = 1.5  # an outlier on rank 1's shard of w2: the global amax lives on one rank only
-    cfg = PrecisionConfig(recipe=recipe_name, stochastic_rounding=False)  # RNE everywhere: deterministic
+    cfg = PrecisionConfig(recipe=recipe_name, stochastic_rounding=sr)
     for name in ("w1", "w2", "w3"):
         lin = getattr(ff, name)
         rec = RECIPES[recipe_name](cfg, layer_seed=int(name[1]))  # same Hadamard signs on every rank
@@ -46,11 +47,13 @@ def _mlp(recipe_name: str):
     return ff
 
 
-def _check(recipe_name, sequence_parallel, rank, mesh, failures):
+def _check(recipe_name, sequence_parallel, rank, mesh, failures, sr=False):
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    ref = _mlp(recipe_name)
+    from megatron_ext.precision import set_step_context
+
+    ref = _mlp(recipe_name, sr)
     tp = copy.deepcopy(ref)
     for name in ("w1", "w2", "w3"):  # deepcopy copies the recipes; give each its own capture dict
         getattr(tp, name).recipe.capture = {}
@@ -60,6 +63,8 @@ def _check(recipe_name, sequence_parallel, rank, mesh, failures):
     else:
         plan = {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()}
     parallelize_module(tp, mesh, plan)
+    for model in (ref, tp):  # TP ranks share the data-parallel rank: same noise for the same global element
+        set_step_context(model, step=7, micro_batch=1, dp_rank=0)
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 32, 64, generator=g)
@@ -72,7 +77,7 @@ def _check(recipe_name, sequence_parallel, rank, mesh, failures):
     x_tp = (x[:, seq] if sequence_parallel else x).clone().requires_grad_(True)
     y_tp = tp(x_tp)
     y_tp.backward(dy[:, seq] if sequence_parallel else dy)
-    tag = f"{recipe_name} sp={sequence_parallel}"
+    tag = f"{recipe_name} sp={sequence_parallel} sr={sr}"
 
     def fail(msg):
         failures.append(f"rank {rank} {tag}: {msg}")
@@ -154,12 +159,14 @@ def _worker(rank, port, out_dir):
         for recipe in ("nvfp4", "fp8_tensorwise", "fp8_rowwise"):
             for sp in (False, True):
                 _check(recipe, sp, rank, mesh, failures)
+        for sp in (False, True):
+            _check("nvfp4", sp, rank, mesh, failures, sr=True)
         _check_fsdp2(rank, mesh, failures)
         # the check can fail: without the amax reduction the shards quantize with their local amax
-        from megatron_ext.precision import linear
+        from megatron_ext.precision.recipes import ShardContext
 
-        original = linear._Ctx.reduce_max
-        linear._Ctx.reduce_max = lambda self, t, role=None: t
+        original = ShardContext.reduce_max
+        ShardContext.reduce_max = lambda self, t, role=None: t
         try:
             probe = []
             _check("nvfp4", False, rank, mesh, probe)
@@ -167,7 +174,17 @@ def _worker(rank, port, out_dir):
             if rank == 0 and not any("w2.w_fwd" in p for p in probe):
                 failures.append(f"rank {rank}: disabling the amax reduction did not change w2's quantized weight")
         finally:
-            linear._Ctx.reduce_max = original
+            ShardContext.reduce_max = original
+        # ... and SR noise keyed by LOCAL positions would differ: rank 1's shard of w1's dy is not at offset 0
+        original_offsets = ShardContext.offsets
+        ShardContext.offsets = lambda self, role, shape: (0, 0)
+        try:
+            probe = []
+            _check("nvfp4", False, rank, mesh, probe, sr=True)
+            if rank == 1 and not any("w1.dy_dgrad" in p for p in probe):
+                failures.append(f"rank {rank}: local-position SR noise did not change w1's quantized dy")
+        finally:
+            ShardContext.offsets = original_offsets
     except Exception:
         failures.append(f"rank {rank}: {traceback.format_exc()}")
     finally:

@@ -196,8 +196,8 @@ def test_preemption_warning_checkpoints_requeues_and_resumes(uninterrupted, tmp_
     first = json.loads((run / "slurm" / str(job) / "attempt-0" / "outcome.json").read_text())
     assert first["outcome"] == "requeued"
     rank0_first = (run / "slurm" / str(job) / "attempt-0" / "rank-0.log").read_text()
-    assert "preemption signal: saved step" in rank0_first
-    stopped_at = int(rank0_first.split("preemption signal: saved step ")[1].split(",")[0])
+    assert "SIGUSR1: saved step" in rank0_first
+    stopped_at = int(rank0_first.split("SIGUSR1: saved step ")[1].split(",")[0])
     assert stopped_at < 8
     rank0_second = (run / "slurm" / str(job) / "attempt-1" / "rank-0.log").read_text()
     assert f"(step {stopped_at})" in rank0_second and "resuming from" in rank0_second
@@ -265,7 +265,7 @@ def test_array_job_over_warc_files_equals_local_executor(slurm_cluster, tmp_path
     from data_pipeline.corpus.pipeline import clean_shard
     from data_pipeline.executor import Task, run_local
     from hibari.io import read_jsonl
-    from launch.slurm_array import SlurmArrayOptions, run_slurm
+    from data_pipeline.executor.slurm import SlurmArrayOptions, run_slurm
 
     (tmp_path / "in").mkdir()
     keys = ["tea", "library", "bread"]
@@ -307,7 +307,7 @@ def test_array_job_over_warc_files_equals_local_executor(slurm_cluster, tmp_path
 
 def test_array_retries_failures_and_resubmit_does_only_what_is_missing(slurm_cluster, tmp_path):
     from data_pipeline.executor import Task, is_done
-    from launch.slurm_array import SlurmArrayOptions, run_slurm
+    from data_pipeline.executor.slurm import SlurmArrayOptions, run_slurm
 
     out = tmp_path / "out"
     out.mkdir()
@@ -323,7 +323,7 @@ def test_array_retries_failures_and_resubmit_does_only_what_is_missing(slurm_clu
         run_slurm(tasks + [bad], state, desc="shards", show_progress=False, options=opts)
     msg = str(err.value)
     assert msg.startswith("task bad5 failed on n") and "after 2 attempts: ValueError: shard 5: corrupt input" in msg
-    assert "rerun to retry the failed tasks only" in msg
+    assert "completed tasks are kept and the same command redoes only the failed ones" in msg
     # s2 failed once and was retried in the second array; bad5 ran in both
     assert _executions(log) == sorted(["s0", "s1", "s2", "s2", "s3", "s4", "bad5", "bad5"])
     assert all(is_done(state, t.task_id) for t in tasks) and not is_done(state, "bad5")
@@ -340,3 +340,27 @@ def test_array_retries_failures_and_resubmit_does_only_what_is_missing(slurm_clu
     assert not (state / "failed" / "bad5.json").exists()
     st = hibari("corpus", "status", str(state))
     assert "shards: 6 tasks: 6 done, 0 failed, 0 pending" in st.stdout
+
+
+def test_data_tokenize_as_array_job_equals_local(slurm_cluster, tmp_path):
+    """`data tokenize --executor slurm` comes with the one executor: same parts, same merged bytes as local."""
+    from data_pipeline.executor.slurm import SlurmArrayOptions, run_slurm
+    from data_pipeline.indexed.tokenize import tokenize_corpus
+    from tokenizer_utils import english_lines, japanese_lines, make_base_tokenizer, write_corpus
+
+    tok = make_base_tokenizer(tmp_path / "tok")
+    shards = [str(write_corpus(tmp_path / f"s{i}.jsonl.zst", (english_lines if i % 2 else japanese_lines)(20, seed=i)))
+              for i in range(3)]
+    local = tokenize_corpus(shards, str(tok), str(tmp_path / "local"), workers=1, show_progress=False)
+    opts = SlurmArrayOptions(max_array_size=2, poll_seconds=0.3)
+
+    def runner(tasks, state_dir, workers=1, desc="tasks", show_progress=True):
+        return run_slurm(tasks, state_dir, workers, desc=desc, show_progress=show_progress, options=opts)
+
+    on_slurm = tokenize_corpus(shards, str(tok), str(tmp_path / "slurm"), show_progress=False, runner=runner,
+                               keep_parts=True)
+    assert on_slurm["documents"] == local["documents"] == 60 and on_slurm["tokens"] == local["tokens"] > 60
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"slurm{ext}").read_bytes() == (tmp_path / f"local{ext}").read_bytes()
+    logs = list((tmp_path / "slurm.parts" / "slurm").glob("*/logs/*.log"))
+    assert len(logs) == 2  # 3 shards in 2 array elements

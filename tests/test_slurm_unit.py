@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from hibari.errors import HibariError
-from launch.slurm import (MASTER_PORT_BASE, MASTER_PORT_SPAN, SlurmJobSpec, describe_failure, finish_main,
-                          first_failure, one_line, render_sbatch)
-from launch.slurm_array import SlurmArrayOptions, render_array_script, split_ranges, stage_name, status_summary
+from hibari.slurm import one_line
+from launch.slurm_submit import MASTER_PORT_BASE, MASTER_PORT_SPAN, SlurmJobSpec, render_sbatch, sanitize_job_name
+from launch.slurm_supervisor import describe_failure, finish_main, first_failure
+from data_pipeline.executor.slurm import SlurmArrayOptions, render_array_script, split_ranges
+from data_pipeline.executor.status import stage_name, status_summary
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -50,7 +53,7 @@ def test_dry_run_renders_one_task_per_gpu(tmp_path):
         assert line in out.splitlines(), line
     assert "world 8 = dp 4" in out and "tp 2" in out
     assert "srun --kill-on-bad-exit=1" in out and "rank-%t.log" in out
-    assert "-m launch.slurm rank --" in out and "-m launch.cli train" in out
+    assert "-m launch.slurm_supervisor rank --" in out and "-m launch.cli train" in out
     assert "finish --log-dir" in out and "--requeue" in out.split("finish --log-dir")[1]
     assert not run.exists(), "--dry-run must not write anything"
     script = out[out.index("#!/bin/bash"):]
@@ -157,6 +160,30 @@ def test_finish_reports_failure_and_outcome(tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "outcome.json").read_text())["outcome"] == "failed"
 
 
+def test_failure_report_carries_the_ranks_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    _failure(tmp_path, 1, 5.0, False, exit_code=2, error="hibari: error: data.blend: /d/ja.idx: no such file")
+    _failure(tmp_path, 0, 6.0, True, exit_code=143, signal="SIGTERM")
+    assert finish_main(tmp_path, 2, requeue=False) == 2
+    assert capsys.readouterr().out.strip() == (
+        "hibari: error: job 9 failed: rank 1 on host n1 exited with code 2: data.blend: /d/ja.idx: no such file; "
+        f"ranks 0 stopped after it (log: {tmp_path}/rank-1.log)")
+
+
+def test_rank_supervisor_records_the_error_line(tmp_path):
+    """`python -m launch.slurm_supervisor rank -- hibari ...`: the rank's one-line error lands in its failure record
+    and in its log (stderr), once."""
+    env = dict(os.environ, SLURM_PROCID="3", SLURM_NTASKS="4", SLURMD_NODENAME="n2",
+               HIBARI_SLURM_LOG_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "launch.slurm_supervisor", "rank", "--", sys.executable, "-m",
+                        "launch.cli", "train", str(tmp_path / "missing.yaml")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    rec = json.loads((tmp_path / "failed-rank-3.json").read_text())
+    assert rec["error"].startswith("hibari: error: ") and "missing.yaml" in rec["error"]
+    assert r.stderr.count(rec["error"]) == 1 and (tmp_path / "rank-3.pid").read_text().strip().isdigit()
+
+
 def test_finish_without_requeue_after_preemption(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "8")
     (tmp_path / "preempted-rank-0.json").write_text("{}")
@@ -230,10 +257,10 @@ def test_executor_options_and_runner(tmp_path, monkeypatch):
     import argparse
 
     from data_pipeline.executor import run_local
-    from launch.slurm_array import add_slurm_executor_arguments, make_runner
+    from data_pipeline.executor.options import add_executor_arguments, make_runner
 
     p = argparse.ArgumentParser()
-    add_slurm_executor_arguments(p)
+    add_executor_arguments(p)
     args = p.parse_args(["--executor", "slurm", "--slurm-partition", "cpu", "--slurm-max-array-size", "4",
                          "--slurm-arg=--qos=low", "--slurm-retries", "0"])
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
@@ -244,5 +271,135 @@ def test_executor_options_and_runner(tmp_path, monkeypatch):
         make_runner(p.parse_args(["--executor", "slurm", "--slurm-max-array-size", "0"]))
     own = argparse.ArgumentParser()
     own.add_argument("--executor", choices=("local", "slurm"), default="local")
-    add_slurm_executor_arguments(own, with_executor_choice=False)
+    add_executor_arguments(own, with_executor_choice=False)
     assert own.parse_args(["--executor", "slurm", "--slurm-mem", "4G"]).slurm_mem == "4G"
+
+
+def test_values_in_the_batch_script_are_quoted_and_the_job_name_sanitised(tmp_path):
+    """A run directory named `$(...)` / with backquotes and quotes stays a name: rendering, sbatch's directive parser
+    (the same quote rules as the shell's) and running the script execute nothing it contains."""
+    pwned = tmp_path / "PWNED"
+    run = tmp_path / f"run $(touch {pwned}) `touch {pwned}` 'q' \"d\""
+    r = hibari("launch", "slurm", "--nodes", "1", str(TINY), f"run.dir={run}", "--tasks-per-node", "2",
+               "--job-name", "my job;$(touch x)", "--sbatch-arg=--comment=a b #c", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    script = r.stdout[r.stdout.index("#!/bin/bash"):]
+    directives = [shlex.split(ln[len("#SBATCH "):], comments=True) for ln in script.splitlines()
+                  if ln.startswith("#SBATCH ")]
+    assert all(len(words) == 1 for words in directives), directives
+    words = [w[0] for w in directives]
+    assert f"--output={run}/slurm/job-%j.log" in words and "--comment=a b #c" in words
+    assert "--job-name=my-job-touch-x" in words
+    assert sanitize_job_name("hibari-$(id)`x`") == "hibari-id-x" and sanitize_job_name("$$$") == "hibari"
+
+    # run the body as the batch job would, with stand-ins for scontrol and srun
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    srun_args = tmp_path / "srun-args"
+    (bindir / "scontrol").write_text("#!/bin/sh\n[ \"$2\" = hostnames ] && echo n1\nexit 0\n")
+    (bindir / "srun").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > '{srun_args}'\n")
+    for tool in ("scontrol", "srun"):
+        (bindir / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:/usr/bin:/bin", SLURM_JOB_ID="77", SLURM_JOB_NODELIST="n1",
+               SLURM_NTASKS="2")
+    done = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not pwned.exists(), "a value in the batch script was executed"
+    attempt = Path(f"{run}/slurm/77/attempt-0")
+    assert json.loads((attempt / "outcome.json").read_text())["outcome"] == "finished"
+    ran = srun_args.read_text().splitlines()
+    snapshot = [a for a in ran if a.endswith(".yaml")]
+    assert len(snapshot) == 1 and snapshot[0].startswith(f"{run}/slurm/config-"), ran
+
+
+def _main(argv: list[str], capsys) -> tuple[int, str, list[str]]:
+    """`hibari ARGV` in this process (no interpreter start-up): (exit code, stdout, stderr lines)."""
+    from launch.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:  # argparse usage errors
+        rc = exit_.code
+    out, err = capsys.readouterr()
+    return rc, out, err.strip().splitlines()
+
+
+def test_overrides_anywhere_on_the_command_line(tmp_path, capsys, monkeypatch):
+    """`a.b=v` before, between and after options, and before the config file, for train and both launchers."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc, out, err = _main(["train", f"run.dir={tmp_path / 'a'}", str(TINY), "--check", "parallel.tp=2",
+                          "model.n_layers=2"], capsys)
+    assert rc == 0 and "tp 2" in out, err
+    rc, out, err = _main(["launch", "local", str(TINY), "--nproc", "4", f"run.dir={tmp_path / 'b'}", "--check",
+                          "parallel.tp=2"], capsys)
+    assert rc == 0 and out.startswith("config ok: world 4 = dp 2") and "tp 2" in out, err
+    rc, out, err = _main(["launch", "local", "--nproc", "2", str(TINY), "--check", "train.steps=-1",
+                          f"run.dir={tmp_path}"], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("hibari: error:") and "train.steps" in err[0]
+    assert not (tmp_path / "b").exists()
+    rc, out, err = _main(["launch", "local", "--nproc", "2", str(TINY), "--check", "--bogus"], capsys)
+    assert rc == 2 and "unrecognized arguments: --bogus" in err[-1]
+
+
+def _readme_launch_commands(section_start: str) -> list[list[str]]:
+    """`hibari launch ...` commands of the first bash block after `section_start` in README.md (continuations
+    joined, comments dropped)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text[text.index(section_start):]
+    block = block[block.index("```bash") + len("```bash"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    return [shlex.split(ln, comments=True)[1:] for ln in block.splitlines()
+            if ln.strip().startswith("hibari launch ")]
+
+
+@pytest.mark.slow
+def test_readme_full_scale_recipe_launch_commands(tmp_path):
+    """The README's full-scale recipe launch command, exactly as written (options first, overrides last), at tiny
+    sizes: the config becomes configs/tiny.yaml, init.from a tiny checkpoint, and `--dry-run` submits nothing."""
+    commands = _readme_launch_commands("### Full-scale recipe")
+    assert commands and all(c[:2] == ["launch", "slurm"] for c in commands), commands
+    init_run = tmp_path / "init-run"
+    r = hibari("train", str(TINY), f"run.dir={init_run}", "train.steps=1", "model.n_layers=2", "log.plot=false",
+               "log.progress=false", "train.eval_interval=0")
+    assert r.returncode == 0, r.stderr
+    init = init_run / "checkpoints" / "step_00000001"
+    for words in commands:
+        words = [str(TINY) if w.endswith(".yaml") else w for w in words]
+        words = [f"run.dir={tmp_path / 'run'}" if w.startswith("run.dir=") else w for w in words]
+        words = [f"init.from={init}" if w.startswith("init.from=") else w for w in words]
+        # tiny sizes: the recipe's 2 nodes x 8 GPUs need a global batch that divides by 16 data-parallel ranks
+        r = hibari(*words, "model.n_layers=2", "train.global_batch_size=32", "train.micro_batch_size=1",
+                   "--dry-run")
+        assert r.returncode == 0, (words, r.stderr)
+        assert "#SBATCH --nodes=2" in r.stdout and "#SBATCH --gpus-per-node=8" in r.stdout
+        assert not (tmp_path / "run").exists()
+
+
+def test_check_and_dry_run_run_the_training_preflight(tmp_path, capsys):
+    """`launch local --check` and `launch slurm --dry-run` run the whole pre-flight (here: init.from is not a hibari
+    checkpoint), not only the layout arithmetic; a real launch stops at the same line before starting a process."""
+    bad = f"init.from={tmp_path / 'no-ckpt'}"
+    run = tmp_path / "run"
+    for argv in (["launch", "local", "--nproc", "2", str(TINY), f"run.dir={run}", "--check", bad],
+                 ["launch", "slurm", str(TINY), "--nodes", "1", "--tasks-per-node", "2", f"run.dir={run}",
+                  "--dry-run", bad],
+                 ["launch", "local", "--nproc", "2", str(TINY), f"run.dir={run}", bad]):
+        rc, out, err = _main(argv, capsys)
+        assert rc == 2 and len(err) == 1, (argv, err)
+        assert err[0].startswith("hibari: error:") and "init.from" in err[0] and "no-ckpt" in err[0], err
+        assert "rerun" not in err[0] and out == ""
+    assert not run.exists()
+
+
+def test_cuda_max_connections_only_for_tp_without_data_parallel():
+    from parallel.dist import cuda_env
+
+    def exported(gpu_env):
+        script = render_sbatch(SlurmJobSpec(nodes=1, tasks_per_node=2, gpus_per_node=2), Path("/r"), ["true"],
+                               Path("/w"), gpu_env=gpu_env)
+        return {ln.split("=", 1)[0].removeprefix("export ") for ln in script.splitlines() if ln.startswith("export ")}
+
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" in exported(cuda_env(tp=2, dp=1))
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in exported(cuda_env(tp=2, dp=2))  # would serialise FSDP comms
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in exported(None)  # CPU clusters: no GPU defaults at all
+    assert "PYTORCH_CUDA_ALLOC_CONF" in exported(cuda_env(tp=1, dp=8))

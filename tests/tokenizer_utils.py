@@ -62,3 +62,101 @@ def write_corpus(path: Path, texts: list[str]) -> Path:
 
     write_jsonl(path, ({"id": f"doc-{i}", "text": t} for i, t in enumerate(texts)))
     return path
+
+
+# -- byte-level BPE (Llama 3 / Qwen / Mistral-Nemo style tokenizer.json) ----------------------------------------------
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|reserved_special_token_2|>", "<|eot_id|>"]
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>"
+    "\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def english_corpus_texts() -> list[str]:
+    """The demo's English documents (ASCII prose, committed in the repo) for training a base BPE."""
+    import json
+
+    import zstandard
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "demo_data" / "english.jsonl.zst"
+    raw = zstandard.ZstdDecompressor().decompress(path.read_bytes(), max_output_size=10_000_000).decode("utf-8")
+    return [json.loads(line)["text"] for line in raw.splitlines() if line.strip()] + english_lines(200)
+
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_qwen_style_tokenizer(out_dir: Path, vocab_size: int = 800) -> Path:
+    """A Qwen2-style tokenizer dir trained on English: NFC normalizer, single-digit split, no ignore_merges, no BOS,
+    special tokens after the vocabulary, GPT-2 style vocab.json/merges.txt next to tokenizer.json, and
+    tokenizer_class Qwen2Tokenizer (transformers builds it from those files)."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(ignore_merges=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(english_corpus_texts(), trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_special_tokens(QWEN2_SPECIALS)
+    tok.save(str(out_dir / "tokenizer.json"))
+    model = json.loads(tok.to_str())["model"]
+    (out_dir / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in model["merges"]) + "\n",
+                                        encoding="utf-8")
+    config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+              "pad_token": "<|endoftext|>", "errors": "replace", "clean_up_tokenization_spaces": False,
+              "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}",
+              "added_tokens_decoder": {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
+                                                                   "rstrip": False, "single_word": False,
+                                                                   "special": True} for t in QWEN2_SPECIALS}}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    return out_dir
+
+
+def make_bpe_base_tokenizer(out_dir: Path, vocab_size: int = 1000) -> Path:
+    """A Llama-3-style tokenizer dir trained on English: byte-level BPE with the Llama 3 split regex and
+    ignore_merges, special tokens with ids right AFTER the BPE vocabulary, a BOS template post-processor, and a
+    tokenizer_config.json with bos/eos and a chat template (loads as PreTrainedTokenizerFast)."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  min_frequency=2, show_progress=False)
+    tok.train_from_iterator(english_corpus_texts(), trainer)
+    tok.add_special_tokens(LLAMA3_SPECIALS)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                      special_tokens=[("<|begin_of_text|>", bos)])])
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+              "eos_token": "<|end_of_text|>", "clean_up_tokenization_spaces": False, "model_max_length": 131072,
+              "model_input_names": ["input_ids", "attention_mask"], "chat_template": LLAMA3_CHAT_TEMPLATE,
+              "added_tokens_decoder": {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
+                                                                   "rstrip": False, "single_word": False,
+                                                                   "special": True} for t in LLAMA3_SPECIALS}}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}, indent=1), encoding="utf-8")
+    return out_dir

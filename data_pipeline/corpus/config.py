@@ -1,12 +1,16 @@
-"""Typed config of `hibari corpus clean` (YAML via --config, `key=value` overrides via --set)."""
+"""Typed configs of `hibari corpus clean` and `corpus annotate` (YAML via --config, `key=value` overrides via
+--set, short flags via `load_stage_config`). Annotate reuses clean's `quality`, `ngword` and `classifier` sections:
+the same keys mean the same thing in both."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from hibari.config import StrictModel
+from data_pipeline.classifier.config import ClassifierConfig
+from hibari.config import StrictModel, apply_overrides, format_validation_error, read_yaml
+from hibari.errors import ConfigError, HibariError
 
 # UT1 categories the Swallow corpus blocked (all "redirector" variants are matched by prefix)
 SWALLOW_UT1_CATEGORIES = [
@@ -29,7 +33,9 @@ class LanguageConfig(StrictModel):
 
 
 class ExtractConfig(StrictModel):
-    extractor: Literal["trafilatura", "resiliparse"] = "trafilatura"
+    # data_pipeline/corpus/extract.py; quality/speed of each in bench/results/extract_quality.md
+    extractor: Literal["trafilatura", "trafilatura_fast", "trafilatura_pretrim", "resiliparse",
+                       "resiliparse_pretrim"] = "trafilatura_pretrim"
 
 
 class QualityConfig(StrictModel):
@@ -69,4 +75,40 @@ class CleanConfig(StrictModel):
     ngword: NGWordConfig = NGWordConfig()
     blocklist: BlocklistConfig = BlocklistConfig()
     cleanup: CleanupConfig = CleanupConfig()
+    classifier: ClassifierConfig = ClassifierConfig()  # quality classifier stage, after cleanup (model: null = off)
     zstd_level: int = Field(3, ge=1, le=22)
+
+
+class AnnotateConfig(StrictModel):
+    """`corpus annotate`: every record gets all quality features; `enabled` says whether a rule group decides `keep`
+    (`ngword.enabled: false` also skips the NG-word features)."""
+    quality: QualityConfig = QualityConfig()
+    ngword: NGWordConfig = NGWordConfig()
+    classifier: ClassifierConfig = ClassifierConfig()  # model: null = no quality_score
+
+
+def load_stage_config(schema, path: str | None, overrides: list[str] | None, shortcuts: dict | None = None):
+    """A stage's typed config: the YAML file, then `--set a.b=v` overrides, then the short flags given on the command
+    line (`shortcuts`: dotted key -> (flag, value); a flag wins). The defaults live only in `schema`. A bad value
+    is one line naming the flag when a flag set it, else the file / --set key."""
+    data = read_yaml(path) if path else {}
+    apply_overrides(data, overrides)
+    flags = {}
+    for key, (flag, value) in (shortcuts or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}  # the flag wins over a file value that is not a section
+            node = node[part]
+        node[leaf] = value
+        flags[key] = flag
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(x) for x in e["loc"])
+        by_flag = next((k for k in flags if key == k or key.startswith(k + ".")), None)  # e.g. ngword.paths.0
+        if by_flag is not None:
+            raise HibariError(f"{flags[by_flag]}: {e['msg']} (got {e['input']!r})") from None
+        raise ConfigError(format_validation_error(err, path or "--set")) from None

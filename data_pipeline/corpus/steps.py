@@ -1,7 +1,9 @@
 """Pipeline steps of `hibari corpus clean`: each one small job with its own counters (datatrove style).
 
-A step's `apply(page)` returns None to pass the page on (possibly modified) or a short drop reason. The base class
-counts pages and characters in/out and the drop reasons, so the funnel report is just the steps' counters.
+A step's `apply(page)` returns None to pass the page on (possibly modified), a short drop reason, or
+(reason, measured value), e.g. ("num_letters<400", "num_letters=262 < 400"). The base class counts pages and
+characters in/out and the drop reasons, so the funnel report is just the steps' counters; the dropped page carries
+`drop = (stage, reason, value)` for the drop ledger. A new step is a subclass added to `build_steps`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ class Step:
         self.pages_in = self.pages_out = self.chars_in = self.chars_out = 0
         self.drops: Counter = Counter()
 
-    def apply(self, page: Page) -> str | None:
+    def apply(self, page: Page) -> str | tuple[str, str] | None:
         raise NotImplementedError
 
     def __call__(self, page: Page) -> Page | None:
@@ -30,7 +32,9 @@ class Step:
         self.chars_in += page.size()
         reason = self.apply(page)
         if reason is not None:
+            reason, value = reason if isinstance(reason, tuple) else (reason, "")
             self.drops[reason] += 1
+            page.drop = (self.name, reason, value)
             return None
         self.pages_out += 1
         self.chars_out += page.size()
@@ -48,22 +52,27 @@ class ParseHttp(Step):
     def __init__(self, cfg: CleanConfig):
         super().__init__()
         self.html_types = tuple(t.lower() for t in cfg.read.html_content_types)
+        self.max_bytes = cfg.read.max_page_bytes
 
-    def apply(self, page: Page) -> str | None:
+    def apply(self, page: Page):
         parsed = split_http(page.body)
         if parsed is None:
-            return "not_http_response"
+            return "not_http_response", f"block starts {page.body[:16]!r}"
         status, headers, payload = parsed
         page.status, page.http_headers = status, headers
         page.content_type = headers.get("content-type", "")
         if status != 200:
-            return f"http_status_{status // 100}xx"
+            return f"http_status_{status // 100}xx", f"status={status}"
         media = page.content_type.split(";")[0].strip().lower()
         if media and media not in self.html_types:
-            return "not_html"
-        page.body = content_decode(payload, headers)
+            return "not_html", f"content_type={media[:60]}"
+        decoded = content_decode(payload, headers, self.max_bytes)
+        if decoded is None:  # a decompression bomb stops at the cap: bounded memory, counted
+            return "huge_page", (f"decoded {headers.get('content-encoding', '')[:20]} body > {self.max_bytes} bytes "
+                                 f"(read.max_page_bytes) from {len(payload)} bytes")
+        page.body = decoded
         if not page.body.strip():
-            return "empty_payload"
+            return "empty_payload", f"payload_bytes={len(page.body)}"
         return None
 
 
@@ -111,7 +120,7 @@ class UrlFilter(Step):
 
     def reason_for(self, url: str, host: str) -> str | None:
         if not host:
-            return "bad_url"
+            return "bad_url"  # see warc.host_of: scheme http(s), a host with valid labels
         for pattern in self.host_patterns:
             if host_matches(host, pattern):
                 return f"host:{pattern}"
@@ -129,10 +138,13 @@ class UrlFilter(Step):
                     return label
         return None
 
-    def apply(self, page: Page) -> str | None:
+    def apply(self, page: Page):
+        if not page.host:  # validated even with the block list off: every kept document has a usable host
+            return "bad_url", f"url={page.url[:120]!r}"
         if not self.enabled:
             return None
-        return self.reason_for(page.url, page.host)
+        reason = self.reason_for(page.url, page.host)
+        return None if reason is None else (reason, f"host={page.host}")
 
 
 def host_matches(host: str, pattern: str) -> bool:
@@ -151,7 +163,7 @@ class Decode(Step):
     def apply(self, page: Page) -> str | None:
         decoded = decode_html(page.body, page.content_type)
         if decoded is None:
-            return "undecodable"
+            return "undecodable", f"content_type={page.content_type[:60]!r}; no candidate charset decodes strictly"
         page.html, page.charset = decoded
         page.body = b""
         if not page.html.strip():
@@ -182,13 +194,11 @@ class RapidJapanese(Step):
         if m:
             import html as _html
             title = _html.unescape(re.sub(r"<[^>]+>", " ", m.group(1))).strip()
-            if title and self.lid.is_japanese(title):
+            lang, prob = self.lid.language(title) if title else ("", 0.0)
+            if title and self.lid.accepts(lang, prob):
                 return None
-            return "title_not_japanese"
+            return "title_not_japanese", f"title={title[:40]!r} lang={lang or '-'}"
         return "no_lang_no_title"
-
-
-_RE_BLANK_LINES = re.compile(r"\n[ \t\r]*(?:\n[ \t\r]*)+")
 
 
 class Extract(Step):
@@ -196,21 +206,15 @@ class Extract(Step):
 
     def __init__(self, cfg: CleanConfig):
         super().__init__()
+        from data_pipeline.corpus.extract import make_extractor
         self.extractor = cfg.extract.extractor
+        self.extract_text = make_extractor(self.extractor)  # methods and their measured quality: extract.py
 
     def apply(self, page: Page) -> str | None:
         try:
-            if self.extractor == "resiliparse":
-                from resiliparse.extract.html2text import extract_plain_text
-                text = extract_plain_text(page.html, main_content=True, alt_texts=False)
-                # resiliparse separates blocks by blank lines; trafilatura (and Swallow's data) by single
-                # newlines. Empty lines are paragraphs for the quality rules, so they would count as duplicates.
-                text = _RE_BLANK_LINES.sub("\n", text or "")
-            else:
-                import trafilatura
-                text = trafilatura.extract(page.html, include_comments=False, include_tables=False)
-        except Exception:  # noqa: BLE001 - a page the extractor cannot parse is a counted skip
-            return "extractor_error"
+            text = self.extract_text(page.html)
+        except Exception as err:  # noqa: BLE001 - a page the extractor cannot parse is a counted skip
+            return "extractor_error", f"{type(err).__name__}: {str(err)[:100]}"
         page.html = ""
         page.text = (text or "").strip()
         if not page.text:
@@ -264,7 +268,8 @@ class LanguageFilter(Step):
         lang, prob = self.lid.language(page.text)
         if self.lid.accepts(lang, prob):
             return None
-        return f"lang:{lang or 'unknown'}" if lang != "ja" else "lang:ja_low_probability"
+        return (f"lang:{lang or 'unknown'}" if lang != "ja" else "lang:ja_low_probability"), \
+            f"lang={lang or '-'} score={prob:.3g}"
 
 
 class QualityFilter(Step):
@@ -280,7 +285,7 @@ class QualityFilter(Step):
             return None
         from data_pipeline.filters import quality_keep
         keep, reasons = quality_keep(page.text)  # same decision as the full features, with early exit
-        return None if keep else reasons[0]
+        return None if keep else (reasons[0], measured_value(reasons[0], page.text))
 
 
 class NGWordFilter(Step):
@@ -303,7 +308,9 @@ class NGWordFilter(Step):
             return None
         from data_pipeline.filters import num_japanese_letters
         stat = self.matcher.stat(page.text, num_japanese_letters(page.text))
-        return None if stat["ng_fraction"] < self.max_fraction else f"ng_fraction>={self.max_fraction:g}"
+        if stat["ng_fraction"] < self.max_fraction:
+            return None
+        return f"ng_fraction>={self.max_fraction:g}", f"ng_fraction={stat['ng_fraction']:.4g} >= {self.max_fraction:g}"
 
 
 class Cleanup(Step):
@@ -335,10 +342,29 @@ class Cleanup(Step):
         return out
 
 
+_RE_RULE = re.compile(r"^(\w+?)(<|>=|>)(.+)$")
+
+
+def measured_value(reason: str, text: str) -> str:
+    """`num_letters<400` -> `num_letters=262 < 400` (the feature computed again for the ledger; dropped pages only)."""
+    m = _RE_RULE.match(reason)
+    if not m:
+        return ""
+    from data_pipeline.filters import quality_features
+    value = quality_features(text).get(m.group(1))
+    if value is None:
+        return ""
+    return f"{m.group(1)}={value:.4g} {m.group(2)} {m.group(3)}"
+
+
 def build_steps(cfg: CleanConfig) -> list[Step]:
     lid = LanguageIdentifier(cfg)
-    return [ParseHttp(cfg), UrlFilter(cfg), Decode(), RapidJapanese(cfg, lid), Extract(cfg), LanguageFilter(lid),
-            QualityFilter(cfg), NGWordFilter(cfg), Cleanup(cfg)]
+    steps = [ParseHttp(cfg), UrlFilter(cfg), Decode(), RapidJapanese(cfg, lid), Extract(cfg), LanguageFilter(lid),
+             QualityFilter(cfg), NGWordFilter(cfg), Cleanup(cfg)]
+    if cfg.classifier.model:  # last: scored in batches of the pages every other stage kept (pipeline.clean_shard)
+        from data_pipeline.classifier.step import ClassifierFilter
+        steps.append(ClassifierFilter(cfg.classifier))
+    return steps
 
 
 def page_from_response(resp: WarcResponse, snapshot: str, warc_file: str) -> Page:

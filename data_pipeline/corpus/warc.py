@@ -8,7 +8,7 @@ of HTML into the headers and silently loses that payload. We take the first blan
 from __future__ import annotations
 
 import codecs
-import gzip
+import io
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -45,6 +45,7 @@ class Page:
     html: str = ""
     charset: str = ""
     text: str = ""
+    drop: tuple | None = None  # (stage, reason, measured value) once a step dropped the page
 
     def size(self) -> int:
         """Characters of the current representation (text after extraction, HTML after decoding, else bytes)."""
@@ -60,11 +61,27 @@ class Page:
                 "snapshot": self.snapshot, "warc_file": self.warc_file}
 
 
+_RE_BAD_HOST_CHAR = re.compile(r"[\s\x00-\x1f\x7f<>\"'{}|\\^`%,;/?#@\[\]()!$&*+=~]")
+
+
 def host_of(url: str) -> str:
+    """Lower-cased host of an http(s) URL, or "" when the URL is not usable (`bad_url`): another scheme (`dns:`),
+    no host, a host with spaces or other characters hosts cannot have, an empty label (`..`, `.a`), a label over 63
+    or a host over 253 characters."""
     try:
-        return (urlsplit(url.strip()).hostname or "").lower()
+        parts = urlsplit(url.strip())
+        host = (parts.hostname or "").lower()
     except ValueError:
         return ""
+    if parts.scheme.lower() not in ("http", "https"):
+        return ""
+    if host.endswith(".") and len(host) > 1:
+        host = host[:-1]  # the root label: `example.jp.` is `example.jp`
+    if not host or len(host) > 253 or _RE_BAD_HOST_CHAR.search(host):
+        return ""
+    if ":" not in host and any(not label or len(label) > 63 for label in host.split(".")):  # ":": IPv6 literal
+        return ""
+    return host
 
 
 def iso_date(value: str) -> str:
@@ -141,27 +158,61 @@ def dechunk(payload: bytes) -> bytes | None:
             pos += 1
 
 
-def content_decode(payload: bytes, headers: dict) -> bytes:
-    """Undo chunking / gzip / deflate when the stored payload really is encoded (crawlers often store decoded
-    bodies but keep the original headers, e.g. ClueWeb09's `Content-Encoding: gzip`)."""
+def _inflate_capped(payload: bytes, wbits: int, max_bytes: int) -> bytes | None:
+    """zlib/gzip/raw-deflate decompression that never produces more than `max_bytes` (+1) bytes: None when the
+    output would be larger (a decompression bomb stops here, memory bounded); ValueError-free: a corrupt stream
+    raises zlib.error for the caller."""
+    out, total, data = [], 0, payload
+    while data:
+        d = zlib.decompressobj(wbits)
+        chunk = d.decompress(data, max_bytes + 1 - total)
+        total += len(chunk)
+        out.append(chunk)
+        if total > max_bytes or d.unconsumed_tail:
+            return None
+        if not d.eof:
+            break  # truncated stream: keep what decoded
+        data = d.unused_data if wbits == 31 and d.unused_data[:2] == b"\x1f\x8b" else b""  # next gzip member
+    return b"".join(out)
+
+
+def _unzstd_capped(payload: bytes, max_bytes: int) -> bytes | None:
+    import zstandard
+
+    out, total = [], 0
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload), read_across_frames=True) as r:
+        while True:
+            chunk = r.read(min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                return b"".join(out)
+            out.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                return None
+
+
+def content_decode(payload: bytes, headers: dict, max_bytes: int = 4_000_000) -> bytes | None:
+    """Undo chunking / gzip / deflate / zstd when the stored payload really is encoded (crawlers often store decoded
+    bodies but keep the original headers, e.g. ClueWeb09's `Content-Encoding: gzip`). Decompression stops at
+    `max_bytes`: None means the decoded body is larger (counted as `huge_page`). A corrupt encoded body is kept as
+    stored (later steps decide)."""
     if "chunked" in headers.get("transfer-encoding", "").lower():
         dechunked = dechunk(payload)
         if dechunked is not None:
             payload = dechunked
     encoding = headers.get("content-encoding", "").lower()
-    if "gzip" in encoding and payload[:2] == b"\x1f\x8b":
-        try:
-            payload = gzip.decompress(payload)
-        except (OSError, EOFError, zlib.error):
-            pass
-    elif "deflate" in encoding:
-        try:
-            payload = zlib.decompress(payload)
-        except zlib.error:
+    try:
+        if "gzip" in encoding and payload[:2] == b"\x1f\x8b":
+            return _inflate_capped(payload, 31, max_bytes)
+        if "deflate" in encoding:
             try:
-                payload = zlib.decompress(payload, -zlib.MAX_WBITS)
+                return _inflate_capped(payload, zlib.MAX_WBITS, max_bytes)
             except zlib.error:
-                pass
+                return _inflate_capped(payload, -zlib.MAX_WBITS, max_bytes)
+        if "zstd" in encoding and payload[:4] == b"\x28\xb5\x2f\xfd":
+            return _unzstd_capped(payload, max_bytes)
+    except Exception:  # noqa: BLE001 - zlib.error / ZstdError: a corrupt body is kept as stored
+        return payload
     return payload
 
 
@@ -205,6 +256,16 @@ def decode_html(body: bytes, content_type: str) -> tuple[str, str] | None:
 
 
 @dataclass
+class SkippedRecord:
+    """A response record the reader counted and did not yield (for the drop ledger)."""
+    record_id: str
+    url: str
+    date: str
+    reason: str  # huge_page | truncated_record | damaged_record
+    value: str
+
+
+@dataclass
 class WarcResponse:
     """A WARC response record before any filtering (`block` = HTTP header + payload)."""
     record_id: str
@@ -214,13 +275,15 @@ class WarcResponse:
     declared_length: int
 
 
-def iter_warc(path: Path, stats: dict, max_block_bytes: int, on_progress=None) -> Iterator[WarcResponse | str]:
-    """Yield response records, or the string "warcinfo:<text>" for warcinfo records (snapshot detection).
+def iter_warc(path: Path, stats: dict, max_block_bytes: int, on_progress=None
+              ) -> Iterator[WarcResponse | SkippedRecord | str]:
+    """Yield response records, `SkippedRecord`s, or the string "warcinfo:<text>" for warcinfo records (snapshot).
 
     Problems are counted in `stats` and never raised: a corrupt header or truncated gzip stream ends the file
-    (`read_error`, message in `read_error_message`); a record shorter than its Content-Length is `truncated_record`;
-    a block above `max_block_bytes` is `huge_page` (not read into memory). `on_progress(bytes_read)` is called
-    per record with the position in the (compressed) file."""
+    (`read_error`, message in `read_error_message`; a record it cut is `damaged_record`); a record shorter than its
+    Content-Length is `truncated_record`; a block above `max_block_bytes` is `huge_page` (not read into memory).
+    Every response record counted in `stats["records"]` is yielded once, as a response or as a SkippedRecord.
+    `on_progress(bytes_read)` is called per record with the position in the (compressed) file."""
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
     try:
@@ -240,18 +303,27 @@ def iter_warc(path: Path, stats: dict, max_block_bytes: int, on_progress=None) -
                     yield "warcinfo:" + rec.reader.read(65536).decode("utf-8", "replace")
                     continue
                 stats["records"] = stats.get("records", 0) + 1
+                rid = rec.headers.get("WARC-Record-ID", "") or ""
+                url = (rec.headers.get("WARC-Target-URI", "") or "").strip("<> ")
+                date = rec.headers.get("WARC-Date", "") or ""
                 declared = rec.content_length
                 if declared > max_block_bytes:
                     stats["huge_page"] = stats.get("huge_page", 0) + 1
+                    yield SkippedRecord(rid, url, date, "huge_page",
+                                        f"content_length={declared} > {max_block_bytes} (read.max_page_bytes + headers)")
                     continue
-                block = rec.reader.read()
+                try:
+                    block = rec.reader.read()
+                except Exception as err:  # noqa: BLE001 - the stream broke inside this record
+                    stats["damaged_record"] = stats.get("damaged_record", 0) + 1
+                    yield SkippedRecord(rid, url, date, "damaged_record", f"{type(err).__name__}: {err}"[:200])
+                    raise
                 if len(block) < declared:
                     stats["truncated_record"] = stats.get("truncated_record", 0) + 1
+                    yield SkippedRecord(rid, url, date, "truncated_record",
+                                        f"read {len(block)} of content_length={declared} bytes")
                     continue
-                yield WarcResponse(record_id=rec.headers.get("WARC-Record-ID", "") or "",
-                                   url=(rec.headers.get("WARC-Target-URI", "") or "").strip("<> "),
-                                   date=rec.headers.get("WARC-Date", "") or "", block=block,
-                                   declared_length=declared)
+                yield WarcResponse(record_id=rid, url=url, date=date, block=block, declared_length=declared)
         except Exception as err:  # noqa: BLE001 - fastwarc raises OSError/ValueError on damaged files
             stats["read_error"] = stats.get("read_error", 0) + 1
             stats["read_error_message"] = f"{type(err).__name__}: {err}"

@@ -1,7 +1,7 @@
 """Task functions of the dedup stage (one per shard or per band) and the on-disk state they share.
 
 State layout under `OUTPUT/_dedup/state/` (every file written atomically; `done/` holds executor markers):
-    params.json                 MinHash/LSH/keep/host parameters of this output (reruns must match)
+    run.json                    inputs (size, mtime), parameters, --previous run of this output (reruns must match)
     shards.json                 manifest: key, input path, signature dir, docs, offset (global index base)
     sig/<key>.bands.npy         (bands, docs) uint64 band keys            -- written by `signature_task`
     sig/<key>.meta.npz          ids, date (epoch s), snapshot, host, valid -- written by `signature_task`
@@ -27,7 +27,10 @@ from data_pipeline.dedup.hosts import HostCounts, hosts_to_drop, removed_share
 from data_pipeline.dedup.lsh import (choose_keepers, cluster_size_histogram, connected_components, iter_band_edges,
                                      passes_for_budget)
 from data_pipeline.dedup.minhash import MinHasher
-from hibari.io import atomic_write, read_jsonl, write_jsonl
+from data_pipeline.readers import as_source, iter_records
+from hibari.io import atomic_write, write_jsonl
+
+SIGNATURE_COLUMNS = ["id", "text", "date", "snapshot", "host", "url"]  # what signature_task reads of a record
 from hibari.errors import HibariError
 
 MISSING_DATE = -(2**62)  # documents without a parsable WARC date sort as the oldest
@@ -83,7 +86,7 @@ def sig_paths(sig_dir: str | Path, key: str) -> tuple[Path, Path, Path]:
 
 
 # --------------------------------------------------------------------------------------------- signatures
-def signature_task(input_path: str, key: str, sig_dir: str, ngram: int, bands: int, rows: int, seed: int,
+def signature_task(input_path, key: str, sig_dir: str, ngram: int, bands: int, rows: int, seed: int,
                    batch_docs: int = 256, save_minhash: bool = False) -> dict:
     """MinHash band keys + metadata of one shard. Records without a str `id` and `text` are kept as they are,
     never deduplicated, and counted as `invalid`."""
@@ -101,7 +104,7 @@ def signature_task(input_path: str, key: str, sig_dir: str, ngram: int, bands: i
                 sig_parts.append(sig)
             batch.clear()
 
-    for rec in read_jsonl(input_path):
+    for rec in iter_records(input_path, columns=SIGNATURE_COLUMNS):
         text, doc_id = rec.get("text"), rec.get("id")
         ok = isinstance(text, str) and isinstance(doc_id, str)
         valid.append(ok)
@@ -227,7 +230,7 @@ def cluster_task(state_dir: str, shards: list[dict], bands: int, keep: str, host
 
 
 # --------------------------------------------------------------------------------------------- apply
-def apply_task(input_path: str, key: str, docs: int, clusters_path: str, hosts_dropped_path: str, out_path: str,
+def apply_task(input_path, key: str, docs: int, clusters_path: str, hosts_dropped_path: str, out_path: str,
                removed_path: str) -> dict:
     """Write the shard without removed documents (same schema, same order) and its removal list."""
     with np.load(clusters_path) as dec:
@@ -239,7 +242,7 @@ def apply_task(input_path: str, key: str, docs: int, clusters_path: str, hosts_d
 
     def kept_records():
         row = -1
-        for row, rec in enumerate(read_jsonl(input_path)):
+        for row, rec in enumerate(iter_records(input_path)):
             host = record_host(rec)
             common = {"id": rec.get("id"), "host": host, "snapshot": rec.get("snapshot"), "url": rec.get("url")}
             if row in kept_of:
@@ -253,7 +256,7 @@ def apply_task(input_path: str, key: str, docs: int, clusters_path: str, hosts_d
                 snapshots_out[str(rec.get("snapshot"))] += 1
                 yield rec
         if row + 1 != docs:
-            raise HibariError(f"{input_path}: has {row + 1} records but {docs} when its signatures were computed "
+            raise HibariError(f"{as_source(input_path).label}: has {row + 1} records but {docs} when its signatures were computed "
                               f"(input changed; use a fresh --output)")
 
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,10 @@
 
 from data_pipeline.filters.cleanup import footer_ratio, load_footer_words, normalize_kutoten, trim_footer
 from data_pipeline.filters.ngword import DEFAULT_NG_FILES, NGWordMatcher, read_word_files
-from data_pipeline.filters.quality import (FEATURE_NAMES, NG_FEATURE_NAMES, NG_RULES, QUALITY_RULES, RULE_GROUPS,
-                                           ngram_statistics, num_japanese_letters, quality_decision,
-                                           quality_features, quality_features_batch, quality_keep)
+from data_pipeline.filters.quality import num_japanese_letters, quality_features, quality_features_batch, quality_keep
+from data_pipeline.filters.quality_ngrams import ngram_statistics
+from data_pipeline.filters.quality_rules import (FEATURE_NAMES, NG_FEATURE_NAMES, NG_RULES, QUALITY_RULES, RULE_GROUPS,
+                                                 quality_decision)
 
 __all__ = [
     "FEATURE_NAMES", "NG_FEATURE_NAMES", "NG_RULES", "QUALITY_RULES", "RULE_GROUPS", "DEFAULT_NG_FILES",

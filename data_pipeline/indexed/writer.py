@@ -53,6 +53,22 @@ class IndexedDatasetBuilder:
         self.lengths.append(int(arr.size))
         self.num_tokens += int(arr.size)
 
+    def add_documents(self, docs: list, prefix: np.ndarray, suffix: np.ndarray) -> None:
+        """Append one sequence per id array in `docs` (each wrapped in `prefix`/`suffix` ids) in one write. The
+        caller guarantees every id fits the dtype (ids of a tokenizer whose vocabulary the dtype was chosen for)."""
+        parts = []
+        for ids in docs:
+            if prefix.size:
+                parts.append(prefix)
+            parts.append(ids)
+            if suffix.size:
+                parts.append(suffix)
+        block = np.concatenate(parts).astype(self.dtype, copy=False)
+        self._f.write(memoryview(block))
+        extra = prefix.size + suffix.size
+        self.lengths.extend(len(ids) + extra for ids in docs)
+        self.num_tokens += int(block.size)
+
     def finalize(self) -> None:
         self._f.close()
         idx_tmp = _tmp(self.idx_path)

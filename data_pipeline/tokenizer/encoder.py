@@ -21,6 +21,8 @@ class TextEncoder:
     bos_id: int | None
     eos_id: int | None
     encode: Callable[[str], list[int]]  # without BOS/EOS
+    # several texts at once -> one id sequence (list or numpy array) per text; None: call `encode` per text
+    encode_batch: Callable[[list[str]], list] | None = None
 
 
 _CACHE: dict[str, TextEncoder] = {}
@@ -39,8 +41,17 @@ def load_encoder(tokenizer_dir: str | Path) -> TextEncoder:
 
         sp = spm.SentencePieceProcessor(model_file=str(spm_file))
         bos, eos = sp.bos_id(), sp.eos_id()
+        try:  # numpy output: sentencepiece >= 0.2.1
+            sp.encode(["a"], num_threads=1, out_type="numpy")
+            batch_kwargs = {"num_threads": 1, "out_type": "numpy"}
+        except (TypeError, ValueError):
+            batch_kwargs = {"num_threads": 1}
+
+        def encode_batch(texts: list[str], _sp=sp) -> list:  # one C++ call for the batch, no Python int lists
+            return _sp.encode(texts, **batch_kwargs)
+
         enc = TextEncoder(f"sentencepiece:{spm_file}", sp.get_piece_size(), bos if bos >= 0 else None,
-                          eos if eos >= 0 else None, sp.encode)
+                          eos if eos >= 0 else None, sp.encode, encode_batch)
     elif (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
@@ -53,8 +64,43 @@ def load_encoder(tokenizer_dir: str | Path) -> TextEncoder:
         def encode(text: str, _tok=tok) -> list[int]:
             return _tok.encode(text, add_special_tokens=False)
 
-        enc = TextEncoder(f"hf:{path}", len(tok), tok.bos_token_id, tok.eos_token_id, encode)
+        bos, eos = _special_id(path, tok, "bos_token"), _special_id(path, tok, "eos_token")
+        enc = TextEncoder(f"hf:{path}", len(tok), bos, eos, encode)
     else:
         raise HibariError(f"tokenizer {path}: no tokenizer.model or tokenizer.json in it")
     _CACHE[key] = enc
     return enc
+
+
+def _special_id(path: Path, tok, name: str) -> int | None:
+    """BOS/EOS id as tokenizer_config.json names it (a string or an AddedToken dict; null = none, as Qwen's BOS).
+
+    Byte-level BPE dirs (Llama 3, Qwen, Mistral-Nemo) keep their special tokens only there; a named token that is
+    not in the vocabulary is an error rather than a silently missing BOS/EOS."""
+    config_file = path / "tokenizer_config.json"
+    if not config_file.is_file():
+        return getattr(tok, f"{name}_id")
+    import json
+
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HibariError(f"{config_file}: not valid JSON ({err})") from None
+    value = config.get(name)
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is None:
+        return None
+    token_id = None
+    if isinstance(value, str):
+        if (path / "tokenizer.json").is_file():  # transformers would ADD a missing special token: ask the file
+            from tokenizers import Tokenizer
+
+            token_id = Tokenizer.from_file(str(path / "tokenizer.json")).token_to_id(value)
+        else:
+            token_id = tok.convert_tokens_to_ids(value)
+            if token_id == tok.unk_token_id and value != tok.unk_token:
+                token_id = None
+    if token_id is None:
+        raise HibariError(f"{config_file}: {name} {value!r} is not a token of this tokenizer")
+    return token_id

@@ -60,16 +60,22 @@ def resolve_model_file(path: str | Path) -> Path:
     return path
 
 
-def iter_training_lines(files: Iterable[Path], text_key: str, nfkc: bool, max_bytes: int, counters: dict,
+def iter_training_lines(files: Iterable, text_key: str, nfkc: bool, max_bytes: int, counters: dict,
                         bar=None) -> Iterator[str]:
-    """Non-empty lines of every document (SentencePiece trains on sentences; documents are too long)."""
-    from hibari.io import read_jsonl
+    """Non-empty lines of every document (SentencePiece trains on sentences; documents are too long). `files`:
+    document sources of `data_pipeline.readers` (or file paths); a reading error is stored in
+    counters["error"] and ends the iteration (an exception inside SentencePiece's iterator would be lost)."""
+    from data_pipeline.readers import iter_texts
 
+    try:
+        yield from _training_lines(files, text_key, nfkc, max_bytes, counters, bar, iter_texts)
+    except HibariError as err:
+        counters["error"] = err
+
+
+def _training_lines(files, text_key, nfkc, max_bytes, counters, bar, iter_texts) -> Iterator[str]:
     for f in files:
-        records = ({"text": line} for line in open(f, encoding="utf-8")) if f.suffix == ".txt" else read_jsonl(f)
-        key = "text" if f.suffix == ".txt" else text_key
-        for rec in records:
-            text = rec.get(key)
+        for text in iter_texts(f, text_key):
             counters["documents"] += 1
             if bar is not None:
                 bar.advance()
@@ -95,11 +101,13 @@ def iter_training_lines(files: Iterable[Path], text_key: str, nfkc: bool, max_by
 
 def train_tokenizer(inputs, vocab_size: int, out_dir: str | Path, model_type: str = "bpe",
                     normalization: str = "identity", max_sentences: int = 2_000_000, threads: int = 1,
-                    text_key: str = "text", character_coverage: float = 0.9995, show_progress: bool = True) -> dict:
+                    text_key: str = "text", character_coverage: float = 0.9995, show_progress: bool = True,
+                    split: str | None = None, text_format: str = "line") -> dict:
     """Train a Llama-style SentencePiece model on corpus shards; write tokenizer.model + HF files to `out_dir`."""
     import sentencepiece as spm
 
-    from hibari.io import ensure_writable_dir, expand_inputs
+    from data_pipeline.readers import resolve_inputs
+    from hibari.io import ensure_writable_dir
     from hibari.progress import progress_bar
 
     if model_type not in ("bpe", "unigram"):
@@ -108,7 +116,7 @@ def train_tokenizer(inputs, vocab_size: int, out_dir: str | Path, model_type: st
         raise HibariError(f"--normalization {normalization!r}: expected identity or nfkc")
     if vocab_size < 300:
         raise HibariError(f"--vocab-size {vocab_size}: too small (byte fallback alone needs 259 pieces)")
-    files = expand_inputs(inputs)
+    files = resolve_inputs(inputs, split=split, text_format=text_format)
     out = ensure_writable_dir(out_dir)
     counters = {"documents": 0, "lines": 0, "skipped_empty": 0, "skipped_long_lines": 0,
                 "skipped_undecodable_lines": 0}
@@ -126,10 +134,14 @@ def train_tokenizer(inputs, vocab_size: int, out_dir: str | Path, model_type: st
                     shuffle_input_sentence=True, max_sentence_length=max_bytes, num_threads=max(1, threads),
                     unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentencepiece_length=16, minloglevel=2)
             except RuntimeError as err:
+                if "error" in counters:
+                    raise counters["error"] from None
                 if counters["lines"] == 0:
                     raise HibariError(f"input {inputs!r}: no text to train on (key {text_key!r} empty or missing)") \
                         from None
                 raise HibariError(f"SentencePiece training failed: {str(err).strip().splitlines()[-1]}") from None
+        if "error" in counters:
+            raise counters["error"]
         if counters["lines"] == 0:
             raise HibariError(f"input {inputs!r}: no text to train on (key {text_key!r} empty or missing)")
         model_path = out / "tokenizer.model"
@@ -168,20 +180,20 @@ def expand_model(base_model: str | Path, add_model: str | Path):
     return base, stats
 
 
-def read_sample_texts(sample: str | list[str] | None, text_key: str = "text", limit: int = 2000) -> list[str]:
+def read_sample_texts(sample: str | list[str] | None, text_key: str = "text", limit: int = 2000,
+                      split: str | None = None, text_format: str = "line") -> list[str]:
     if not sample:
         return list(BUILTIN_JA_SAMPLE)
-    from hibari.io import expand_inputs, read_jsonl
+    from data_pipeline.readers import iter_texts, resolve_inputs
 
     texts: list[str] = []
-    for f in expand_inputs(sample):
-        if f.suffix == ".txt":
-            texts.extend(line for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
-        else:
-            texts.extend(r[text_key] for r in read_jsonl(f) if isinstance(r.get(text_key), str))
-        if len(texts) >= limit:
-            break
-    return texts[:limit]
+    for source in resolve_inputs(sample, split=split, text_format=text_format):
+        for text in iter_texts(source, text_key):
+            if isinstance(text, str) and text.strip():
+                texts.append(text)
+            if len(texts) >= limit:
+                return texts
+    return texts
 
 
 def chars_per_token(model_file: str | Path, texts: list[str]) -> float:
@@ -193,7 +205,8 @@ def chars_per_token(model_file: str | Path, texts: list[str]) -> float:
 
 
 def expand_tokenizer(base: str | Path, add: str | Path, out_dir: str | Path, pad_to_multiple: int = 8,
-                     sample: str | list[str] | None = None, text_key: str = "text") -> dict:
+                     sample: str | list[str] | None = None, text_key: str = "text", split: str | None = None,
+                     text_format: str = "line") -> dict:
     from hibari.io import ensure_writable_dir
 
     if pad_to_multiple < 1:
@@ -206,7 +219,7 @@ def expand_tokenizer(base: str | Path, add: str | Path, out_dir: str | Path, pad
     n = stats["vocab_size"]
     stats["pad_to_multiple"] = pad_to_multiple
     stats["padded_vocab_size"] = -(-n // pad_to_multiple) * pad_to_multiple
-    texts = read_sample_texts(sample, text_key)
+    texts = read_sample_texts(sample, text_key, split=split, text_format=text_format)
     stats["sample_texts"] = len(texts)
     stats["chars_per_token_before"] = round(chars_per_token(base_file, texts), 4)
     stats["chars_per_token_after"] = round(chars_per_token(model_path, texts), 4)

@@ -22,6 +22,7 @@ from hibari.errors import HibariError
 from megatron_ext.data.blended import BlendedDataset, cached_blending_indices, normalize_weights
 from megatron_ext.data.gpt_dataset import GPTSampleDataset, default_cache_dir
 from megatron_ext.data.indexed_dataset import IndexedDataset
+from megatron_ext.data.valid_sets import ValidSetConfig, check_unique_names
 
 __all__ = ["IndexedDataConfig", "IndexedDataset", "GPTSampleDataset", "BlendedDataset", "build_indexed_datasets",
            "check_vocab_fits", "recorded_vocab_size", "split_document_ranges"]
@@ -34,6 +35,12 @@ class IndexedDataConfig(StrictModel):
     blend: list[tuple[float, str]]
     split: tuple[float, float] = (0.98, 0.02)  # train, validation fractions of each dataset's documents
     cache_dir: str | None = None  # index caches; default: `index-cache/` next to each dataset
+    valid: list[ValidSetConfig] = []  # named held-out sets, one val/<name>/loss curve each (valid_sets.py)
+
+    @field_validator("valid")
+    @classmethod
+    def _check_valid(cls, v):
+        return check_unique_names(v)
 
     @field_validator("blend")
     @classmethod

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from hibari.errors import HibariError
-from megatron_ext.data.gpt_dataset import _save_npy_atomic
+from megatron_ext.data.gpt_dataset import save_npy_atomic
 
 BLEND_FORMAT_VERSION = 1
 
@@ -139,8 +138,8 @@ def cached_blending_indices(weights: np.ndarray, num_samples: int, cache_dir: st
     ds_idx, sample_idx = build_blending_indices(weights, num_samples)
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        _save_npy_atomic(p_ds, ds_idx)
-        _save_npy_atomic(p_sample, sample_idx)
+        save_npy_atomic(p_ds, ds_idx)
+        save_npy_atomic(p_sample, sample_idx)
     except OSError as err:
         raise HibariError(f"index cache dir {cache}: cannot write ({err.strerror}); "
                           f"set data.cache_dir to a writable directory") from None

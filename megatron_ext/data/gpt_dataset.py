@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hibari.errors import HibariError
+from hibari.io import atomic_write
 from megatron_ext.data.indexed_dataset import IndexedDataset
 
 INDEX_FORMAT_VERSION = 1  # bump when the algorithm changes so stale caches are not reused
@@ -79,11 +80,10 @@ def build_shuffle_index(num_samples_first: int, total_samples: int, rng: np.rand
     return np.concatenate([first, last])
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Concurrent ranks never np.load a half-written index cache."""
+    with atomic_write(path) as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def default_cache_dir(prefix: str | Path) -> Path:
@@ -133,7 +133,7 @@ class GPTSampleDataset:
             try:
                 cache.mkdir(parents=True, exist_ok=True)
                 for k, p in paths.items():
-                    _save_npy_atomic(p, arrays[k])
+                    save_npy_atomic(p, arrays[k])
                 (cache / f"{base}-params.json").write_text(json.dumps(params, indent=1), encoding="utf-8")
             except OSError as err:
                 raise HibariError(f"index cache dir {cache}: cannot write ({err.strerror}); "

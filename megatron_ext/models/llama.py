@@ -19,10 +19,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 from torch import nn
 
 from hibari.config import StrictModel
+from megatron_ext.models.attention import AttentionMask, attention, make_attention_mask
 
 
 class RopeScaling(StrictModel):
@@ -35,10 +36,14 @@ class RopeScaling(StrictModel):
     original_max_position_embeddings: int = 8192
 
 
-class ModelArgs(StrictModel):
-    """Architecture of a Llama/Mistral decoder. Stored as `hibari_model.json` next to every checkpoint."""
+# sparse-MoE fields (arch: mixtral, megatron_ext/models/mixtral.py); left out of dense models' hibari_model.json
+MOE_FIELDS = ("n_experts", "n_experts_per_tok", "router_aux_loss_coef", "router_z_loss_coef", "moe_capacity_factor")
 
-    arch: Literal["llama", "mistral"] = "llama"
+
+class ModelArgs(StrictModel):
+    """Architecture of a Llama/Mistral/Mixtral decoder. Stored as `hibari_model.json` next to every checkpoint."""
+
+    arch: Literal["llama", "mistral", "mixtral"] = "llama"
     vocab_size: int = Field(gt=0)
     dim: int = Field(gt=0)
     n_layers: int = Field(gt=0)
@@ -54,9 +59,31 @@ class ModelArgs(StrictModel):
     tie_embeddings: bool = False
     init_std: float = Field(default=0.02, gt=0)
     attn_backend: Literal["sdpa", "flash"] = "sdpa"
+    # mixtral only: the feed-forward of every block is a sparse mixture of SwiGLU experts of ffn_hidden_dim
+    n_experts: int | None = Field(default=None, gt=0, description="mixtral: experts per block")
+    n_experts_per_tok: int = Field(default=2, gt=0, description="mixtral: experts each token is routed to (top-k)")
+    router_aux_loss_coef: float = Field(default=0.02, ge=0.0, description="mixtral: load-balancing loss weight")
+    router_z_loss_coef: float = Field(default=0.0, ge=0.0, description="mixtral: router z-loss weight (0: off)")
+    moe_capacity_factor: float | None = Field(default=None, gt=0.0, description="mixtral: expert capacity = "
+                                              "factor x tokens x top_k / n_experts (None: dropless)")
+
+    @model_serializer(mode="wrap")
+    def _dense_without_moe_fields(self, handler):
+        data = handler(self)
+        if self.arch != "mixtral" and isinstance(data, dict):
+            for key in MOE_FIELDS:
+                data.pop(key, None)
+        return data
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelArgs":
+        if self.arch == "mixtral":
+            if self.n_experts is None:
+                raise ValueError("arch mixtral needs n_experts")
+            if self.n_experts_per_tok > self.n_experts:
+                raise ValueError(f"n_experts_per_tok ({self.n_experts_per_tok}) exceeds n_experts ({self.n_experts})")
+        elif self.n_experts is not None:
+            raise ValueError(f"n_experts is set but arch is {self.arch!r} (experts need arch: mixtral)")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.n_heads % self.n_kv_heads:
@@ -70,17 +97,20 @@ class ModelArgs(StrictModel):
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         return self
 
-    def num_params(self, include_embeddings: bool = True) -> int:
+    def num_params(self, include_embeddings: bool = True, active_only: bool = False) -> int:
+        """Parameter count; `active_only`: a MoE block counts the top-k experts a token uses, not all of them."""
         hd, kv = self.head_dim, self.n_kv_heads
         attn = self.dim * hd * (2 * self.n_heads + 2 * kv)
         ffn = 3 * self.dim * self.ffn_hidden_dim
+        if self.n_experts is not None:
+            ffn = ffn * (self.n_experts_per_tok if active_only else self.n_experts) + self.dim * self.n_experts
         per_layer = attn + ffn + 2 * self.dim
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return self.n_layers * per_layer + self.dim + (emb if include_embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6 N plus attention scores (PaLM appendix B)."""
-        n = self.num_params(include_embeddings=False) + self.vocab_size * self.dim  # the output head is a GEMM
+        n = self.num_params(include_embeddings=False, active_only=True) + self.vocab_size * self.dim  # head: a GEMM
         attn = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
         return 6 * n + attn
 
@@ -121,27 +151,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
-def build_attention_mask(seq_len: int, device: torch.device, sliding_window: int | None = None,
-                         document_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Boolean mask [batch|1, 1, seq, seq] (True = may attend), or None for plain causal attention.
-
-    Sliding window as in Mistral/transformers: query i sees keys j with i - window < j <= i. Document masking:
-    a query sees only keys of its own document (ids from the data loader), so packed samples do not leak.
-    """
-    if sliding_window is None and document_ids is None:
-        return None
-    q = torch.arange(seq_len, device=device)[:, None]
-    k = torch.arange(seq_len, device=device)[None, :]
-    mask = k <= q
-    if sliding_window is not None and sliding_window < seq_len:
-        mask = mask & (k > q - sliding_window)
-    mask = mask[None, None]
-    if document_ids is not None:
-        same_doc = document_ids[:, None, :, None] == document_ids[:, None, None, :]
-        mask = mask & same_doc
-    return mask
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -163,38 +172,20 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.head_dim = args.head_dim
-        self.sliding_window = args.sliding_window
-        self.backend = args.attn_backend
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask: AttentionMask):
         bsz, seq_len, _ = x.shape
         q = self.wq(x).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.backend == "flash" and mask is None and q.is_cuda:
-            out = _flash_attention(q, k, v, self.sliding_window)
-        else:
-            n_rep = q.shape[1] // k.shape[1]
-            if n_rep > 1:  # grouped-query attention: each KV head serves n_rep query heads
-                k = k.repeat_interleave(n_rep, dim=1)
-                v = v.repeat_interleave(n_rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        out = attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(bsz, seq_len, -1)
         return self.wo(out)
-
-
-def _flash_attention(q, k, v, sliding_window):
-    """Optional GPU backend; flash-attn is imported lazily and never needed on CPU or by tests."""
-    from flash_attn import flash_attn_func  # noqa: PLC0415
-
-    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window_size=window)
-    return out.transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -217,7 +208,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.feed_forward = self.build_feed_forward(args)
+
+    def build_feed_forward(self, args: ModelArgs) -> nn.Module:
+        """The block's MLP (a subclass swaps in a mixture of experts: megatron_ext/models/mixtral.py)."""
+        return FeedForward(args.dim, args.ffn_hidden_dim)
 
     def forward(self, x, cos, sin, mask):
         h = x + self.attention(self.attention_norm(x), cos, sin, mask)
@@ -225,11 +220,13 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    block_class = TransformerBlock
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict({str(i): self.block_class(i, args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -248,11 +245,16 @@ class Transformer(nn.Module):
         if self.tok_embeddings is not None:
             nn.init.normal_(self.tok_embeddings.weight, std=std)
         for block in self.layers.values():
-            for name, lin in [("wq", block.attention.wq), ("wk", block.attention.wk), ("wv", block.attention.wv),
-                              ("w1", block.feed_forward.w1), ("w3", block.feed_forward.w3)]:
+            ffn = block.feed_forward
+            dense = isinstance(ffn, FeedForward)  # (same RNG order as before MoE blocks existed)
+            attn = block.attention
+            for lin in (attn.wq, attn.wk, attn.wv) + ((ffn.w1, ffn.w3) if dense else ()):
                 nn.init.normal_(lin.weight, std=std)
             nn.init.normal_(block.attention.wo.weight, std=out_std)
-            nn.init.normal_(block.feed_forward.w2.weight, std=out_std)
+            if dense:
+                nn.init.normal_(ffn.w2.weight, std=out_std)
+            else:
+                ffn.init_weights(std, out_std)
             block.attention_norm.reset_parameters()
             block.ffn_norm.reset_parameters()
         if self.norm is not None:
@@ -268,7 +270,8 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=h.device).unsqueeze(0).expand(bsz, seq_len)
         cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, h.dtype)
-        mask = build_attention_mask(seq_len, h.device, self.args.sliding_window, document_ids)
+        mask = make_attention_mask(seq_len, h.device, self.args.sliding_window, document_ids,
+                                   flash_backend=self.args.attn_backend == "flash", dtype=h.dtype)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
         h = self.norm(h) if self.norm is not None else h

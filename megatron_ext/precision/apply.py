@@ -11,6 +11,7 @@ import torch.nn as nn
 from hibari.errors import HibariError
 from megatron_ext.precision.config import PrecisionConfig
 from megatron_ext.precision.linear import RECIPES, QuantizedLinear
+from megatron_ext.precision.te_backend import apply_te, is_te_linear
 
 TORCHAO_RECIPES = {"fp8_tensorwise": "tensorwise", "fp8_rowwise": "rowwise"}
 
@@ -66,8 +67,11 @@ def apply_precision(model: nn.Module, cfg: PrecisionConfig) -> nn.Module:
                 qualified = f"{block_name}.{sub_name}"
                 _check_dims(qualified, mod, cfg)
                 targets.append((qualified, mod))
-    if cfg.fp8_backend == "torchao" and cfg.recipe in TORCHAO_RECIPES:
+    if cfg.backend == "torchao":
         _apply_torchao(model, cfg, {name for name, _ in targets})
+        return model
+    if cfg.backend == "te":
+        apply_te(model, cfg, targets, _set_child)
         return model
     for qualified, mod in targets:
         recipe = RECIPES[cfg.recipe](cfg, _layer_seed(cfg, qualified))
@@ -79,8 +83,8 @@ def _apply_torchao(model: nn.Module, cfg: PrecisionConfig, names: set[str]) -> N
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as err:
-        raise HibariError(f"precision.fp8_backend=torchao needs torchao ({err}); "
-                          "install it with `pip install torchao --no-deps` or use fp8_backend=emulated") from None
+        raise HibariError(f"precision.backend=torchao needs torchao ({err}); "
+                          "install it with `pip install torchao --no-deps` or use backend=auto") from None
     import dataclasses
 
     import torch
@@ -93,16 +97,23 @@ def _apply_torchao(model: nn.Module, cfg: PrecisionConfig, names: set[str]) -> N
 
 def set_precision_mode(model: nn.Module, mode: str) -> int:
     """Set every QuantizedLinear to `mode` ("quantized" | "forward_only" | "bf16"). torchao Float8Linear modules
-    can only go to "bf16": they are swapped back to nn.Linear sharing the same Parameters. Returns #layers changed."""
+    can only go to "bf16": they are swapped back to nn.Linear sharing the same Parameters; TransformerEngine linears
+    (backend te) run unquantized in "bf16". Returns #layers changed."""
     changed = 0
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QuantizedLinear):
             mod.mode = mode
             changed += 1
+        elif is_te_linear(mod):
+            if mode == "forward_only":
+                raise HibariError("precision.switch_mode=forward_only is not available with backend=te; "
+                                  "use switch_mode=bf16")
+            mod.mode = mode
+            changed += 1
         elif type(mod).__name__ == "Float8Linear" and isinstance(mod, nn.Linear):
             if mode != "bf16":
-                raise HibariError(f"precision.switch_mode={mode} is not available with fp8_backend=torchao; "
-                                  "use switch_mode=bf16 or fp8_backend=emulated")
+                raise HibariError(f"precision.switch_mode={mode} is not available with backend=torchao; "
+                                  "use switch_mode=bf16 or backend=auto")
             plain = nn.Linear.__new__(nn.Linear)
             nn.Module.__init__(plain)
             plain.in_features, plain.out_features = mod.in_features, mod.out_features

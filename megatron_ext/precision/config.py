@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from hibari.config import StrictModel
 
@@ -37,8 +37,22 @@ class PrecisionConfig(StrictModel):
     # FP8 knobs
     amax_history_len: int = Field(1024, ge=1, description="fp8_delayed: amax history length (max over it)")
     hadamard: bool = Field(False, description="fp8_*/mxfp8: random Hadamard transform on the wgrad GEMM operands")
-    fp8_backend: Literal["emulated", "torchao"] = Field(
-        "emulated", description="fp8_tensorwise/fp8_rowwise: hibari's emulation or torchao's Float8Linear")
+    backend: Literal["auto", "emulated", "scaled_mm", "torchao", "te"] = Field(
+        "auto", description="GEMM implementation: auto (torch._scaled_mm FP8 GEMMs on CUDA sm89+, emulation "
+                            "elsewhere), emulated, scaled_mm (force), torchao (Float8Linear, fp8_tensorwise/"
+                            "rowwise), te (TransformerEngine te.Linear)")
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, backend: str, info: ValidationInfo) -> str:
+        supported = {"torchao": ("fp8_tensorwise", "fp8_rowwise"),
+                     "te": ("fp8_tensorwise", "fp8_delayed", "mxfp8", "nvfp4")}.get(backend)
+        recipe = info.data.get("recipe")
+        if supported and recipe in QUANTIZED_RECIPES and recipe not in supported:
+            raise ValueError(f"backend {backend} runs recipes {', '.join(supported)}, not {recipe}")
+        if supported and info.data.get("switch_at") is not None and info.data.get("switch_mode") == "forward_only":
+            raise ValueError(f"backend {backend} supports switch_mode bf16 only (not forward_only)")
+        return backend
 
     @property
     def quantized(self) -> bool:

@@ -17,7 +17,7 @@ TE_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 def sylvester_hadamard(n: int = BLOCK) -> torch.Tensor:
     if n < 1 or n & (n - 1):
         raise ValueError(f"Hadamard size must be a power of two, got {n}")
-    h = torch.ones(1, 1)
+    h = torch.ones(1, 1, device="cpu")  # explicit: recipes are built under torch.device("meta") too
     while h.shape[0] < n:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
     return h
@@ -25,12 +25,12 @@ def sylvester_hadamard(n: int = BLOCK) -> torch.Tensor:
 
 def random_signs(seed: int, n: int = BLOCK) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(seed))
-    return torch.randint(0, 2, (n,), generator=g).to(torch.float32) * 2 - 1
+    return torch.randint(0, 2, (n,), generator=g, device="cpu").to(torch.float32) * 2 - 1
 
 
 def rht_matrix(signs: torch.Tensor | None = None) -> torch.Tensor:
     """T = diag(signs) @ H16 / 4 (float32, orthogonal). signs=None: TE's fixed vector."""
-    s = torch.tensor(TE_SIGNS, dtype=torch.float32) if signs is None else signs.to(torch.float32)
+    s = torch.tensor(TE_SIGNS, dtype=torch.float32, device="cpu") if signs is None else signs.to(torch.float32)
     return s.unsqueeze(1) * sylvester_hadamard(s.numel()) / 4.0
 
 

@@ -1,4 +1,5 @@
-"""Training loop around the parallel engine: config, LR schedules, AdamW, DCP checkpoints, metrics.
+"""Training around the parallel engine: config, pre-flight checks, the Trainer (setup/resume, train_step, evaluate,
+save), LR schedules, AdamW, checkpoints (format: megatron_ext.checkpoint), stop signals, metrics.
 
     from hibari.config import load_config
     from megatron_ext.train import TrainConfig, train

@@ -1,6 +1,6 @@
 """`hibari train` configuration: one YAML file, sections below, `a.b=value` overrides on the command line.
 
-Sections: run, model, init, train, optim, lr, data, parallel, precision, checkpoint, log. Only pydantic/numpy are
+Sections: run, model, init, train, optim, lr, data, parallel, precision, checkpoint, log, eval. Only pydantic/numpy are
 imported here, so `hibari launch` validates a config (and fails with one line naming the field) before any process,
 process group or file exists.
 """
@@ -14,8 +14,10 @@ from pydantic import ConfigDict, Field, model_validator
 from hibari.config import StrictModel
 from hibari.errors import ConfigError
 from megatron_ext.data import IndexedDataConfig
+from megatron_ext.eval.config import EvalConfig
 from megatron_ext.models.llama import ModelArgs
 from megatron_ext.precision.config import PrecisionConfig
+from megatron_ext.train.tracking import WandbConfig
 from parallel.config import ParallelConfig
 
 
@@ -48,6 +50,18 @@ class TrainSection(StrictModel):
     eval_interval: int = Field(0, ge=0, description="validation every N steps (0: never; also at the last step)")
     eval_batches: int = Field(2, ge=1, description="global batches per validation")
     document_mask: bool = Field(False, description="attend only within a document (needs document ids: indexed)")
+    stop_at: int | None = Field(None, gt=0, description="save a checkpoint after this step and exit 0; the LR "
+                                                        "schedule and data stay planned for `steps` (Megatron's "
+                                                        "exit interval: split a run into jobs)")
+    deterministic: bool = Field(False, description="deterministic kernels (torch.use_deterministic_algorithms, "
+                                                   "CUBLAS_WORKSPACE_CONFIG, cuDNN): bitwise resume on GPU; "
+                                                   "slower. CPU runs are deterministic anyway")
+
+    @model_validator(mode="after")
+    def _check_stop_at(self):
+        if self.stop_at is not None and self.stop_at > self.steps:
+            raise ValueError(f"train.stop_at ({self.stop_at}) exceeds train.steps ({self.steps})")
+        return self
 
 
 class OptimConfig(StrictModel):
@@ -103,6 +117,10 @@ class LogConfig(StrictModel):
     tensorboard: bool = False
     plot: bool = Field(True, description="loss.png at each checkpoint and at the end")
     progress: bool = True
+    wandb: WandbConfig | None = Field(None, description="Weights & Biases: {project, name, mode, entity} "
+                                                        "(megatron_ext/train/tracking.py)")
+    interval: int = Field(1, ge=1, description="read loss/grad norm and write metrics every N steps; each read is "
+                                               "a host sync on GPU, and stop signals are agreed on then too")
 
 
 class TrainConfig(StrictModel):
@@ -117,6 +135,7 @@ class TrainConfig(StrictModel):
     precision: PrecisionConfig = PrecisionConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _check(self):
@@ -129,11 +148,38 @@ class TrainConfig(StrictModel):
                              f"({self.model.max_seq_len})")
         if self.train.document_mask and self.data.type != "indexed":
             raise ValueError("train.document_mask needs data.type: indexed (synthetic data has no documents)")
+        if getattr(self.data, "valid", None) and not self.train.eval_interval:
+            raise ValueError("data.valid needs train.eval_interval > 0 (the sets are evaluated every N steps)")
+        if self.eval.enabled and self.checkpoint.interval and self.eval.interval % self.checkpoint.interval:
+            raise ValueError(f"eval.interval ({self.eval.interval}) must be a multiple of checkpoint.interval "
+                             f"({self.checkpoint.interval}): downstream eval scores saved checkpoints")
         return self
 
 
 # fields a training run may change relative to its init checkpoint (runtime choices, not the architecture)
 RUNTIME_MODEL_FIELDS = ("attn_backend", "max_seq_len", "init_std")
+
+
+def architecture_difference(ours: ModelArgs, theirs: ModelArgs) -> tuple[str, object, object] | None:
+    """(field, our value, their value) of the first architecture field two models differ in, or None
+    (RUNTIME_MODEL_FIELDS are not the architecture)."""
+    mine, other = ours.model_dump(), theirs.model_dump()
+    for key, value in mine.items():
+        if key not in RUNTIME_MODEL_FIELDS and other.get(key) != value:
+            return key, value, other.get(key)
+    return None
+
+
+def check_resume_architecture(model_args: ModelArgs, ckpt_dir) -> None:
+    """The run's model is the one its checkpoint `ckpt_dir` (which it resumes from) was saved with."""
+    from megatron_ext.checkpoint.format import read_model_json
+
+    theirs, _ = read_model_json(ckpt_dir)
+    diff = architecture_difference(model_args, theirs)
+    if diff is not None:
+        key, value, their_value = diff
+        raise ConfigError(f"field model.{key}: {value!r} differs from the run's checkpoint {ckpt_dir} "
+                          f"({their_value!r}); use a new run.dir for a different model")
 
 
 def resolve_model_args(cfg: TrainConfig) -> ModelArgs:
@@ -142,7 +188,7 @@ def resolve_model_args(cfg: TrainConfig) -> ModelArgs:
         return cfg.model
     from pathlib import Path
 
-    from checkpoints.hibari_ckpt import MODEL_JSON, read_model_json
+    from megatron_ext.checkpoint.format import MODEL_JSON, read_model_json
 
     if not (Path(cfg.init.from_) / MODEL_JSON).is_file():
         raise ConfigError(f"field init.from: {cfg.init.from_} is not a hibari checkpoint ({MODEL_JSON} not found; "
@@ -150,11 +196,11 @@ def resolve_model_args(cfg: TrainConfig) -> ModelArgs:
     ckpt_args, _ = read_model_json(cfg.init.from_)
     if cfg.model is None:
         return ckpt_args
-    ours, theirs = cfg.model.model_dump(), ckpt_args.model_dump()
-    for key, value in ours.items():
-        if key not in RUNTIME_MODEL_FIELDS and theirs.get(key) != value:
-            raise ConfigError(f"field model.{key}: {value!r} differs from init.from checkpoint "
-                              f"({theirs.get(key)!r} in {cfg.init.from_}/hibari_model.json)")
+    diff = architecture_difference(cfg.model, ckpt_args)
+    if diff is not None:
+        key, value, their_value = diff
+        raise ConfigError(f"field model.{key}: {value!r} differs from init.from checkpoint "
+                          f"({their_value!r} in {cfg.init.from_}/hibari_model.json)")
     return cfg.model
 
 

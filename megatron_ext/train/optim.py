@@ -13,21 +13,13 @@ import torch
 from torch import nn
 
 from megatron_ext.train.config import OptimConfig
-
-# wrapper prefixes that activation checkpointing / torch.compile insert into parameter names
-_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def clean_param_name(name: str) -> str:
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
+from parallel.parallelize import strip_wrapper_prefixes
 
 
 def applies_weight_decay(name: str, param: torch.Tensor, cfg: OptimConfig) -> bool:
     if param.ndim < 2:
         return False
-    if clean_param_name(name).endswith("tok_embeddings.weight") and not cfg.decay_embeddings:
+    if strip_wrapper_prefixes(name).endswith("tok_embeddings.weight") and not cfg.decay_embeddings:
         return False
     return True
 
