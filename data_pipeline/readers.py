@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from hibari.errors import HibariError
-from hibari.io import decode_line, iter_lines, read_json_object, read_jsonl
+from hibari.io import decode_line, iter_lines, read_json_object, read_jsonl, read_jsonl_field
 
 TEXT_FORMATS = ("line", "file")
 _KINDS = {".jsonl": "jsonl", ".jsonl.zst": "jsonl", ".jsonl.gz": "jsonl", ".txt": "txt", ".txt.zst": "txt",
@@ -235,8 +235,7 @@ def iter_texts(source, text_key: str = "text") -> Iterator[object]:
     error naming the file and its columns."""
     src = as_source(source)
     if src.kind == "jsonl":
-        for rec in read_jsonl(src.path):
-            yield rec.get(text_key)
+        yield from read_jsonl_field(src.path, text_key)
     elif src.kind == "txt":
         yield from _iter_txt(src)
     else:

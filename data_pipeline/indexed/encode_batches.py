@@ -61,13 +61,18 @@ def encode_into(builder, texts: Iterable[object], enc, prefix_ids: list[int], su
                 encoded = None  # one bad document: find it, document by document
         if encoded is None:
             encoded = _encode_each(enc, batch, stats)
-        docs = []
-        for text, ids in encoded:
-            if len(ids) == 0:
-                stats["skipped_empty"] += 1
-                continue
-            docs.append(ids)
-            stats["documents"] += 1
-            stats["characters"] += len(text)
+        docs = [ids for _, ids in encoded]
+        if all(map(len, docs)):  # the usual case: no per-document bookkeeping
+            stats["documents"] += len(docs)
+            stats["characters"] += sum(len(text) for text, _ in encoded)
+        else:
+            docs = []
+            for text, ids in encoded:
+                if len(ids) == 0:
+                    stats["skipped_empty"] += 1
+                    continue
+                docs.append(ids)
+                stats["documents"] += 1
+                stats["characters"] += len(text)
         if docs:
             builder.add_documents(docs, prefix, suffix)

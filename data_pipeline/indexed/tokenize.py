@@ -121,7 +121,7 @@ def tokenize_corpus(inputs: str | list[str], tokenizer_dir: str, output_prefix: 
     results = (runner or run_local)(tasks, parts_dir, workers=workers, desc="tokenize", show_progress=show_progress)
     elapsed = time.perf_counter() - t0
     ordered = [results[t.task_id] for t in tasks]
-    n_seq, n_tok = merge_datasets([t.kwargs["part_prefix"] for t in tasks], output_prefix)
+    n_seq, n_tok = merge_datasets([t.kwargs["part_prefix"] for t in tasks], output_prefix, move=not keep_parts)
     new_tokens = sum(s["tokens"] for s in ordered)
     summary = {"output": output_prefix, "tokenizer": enc.name, "vocab_size": enc.vocab_size,
                "dtype": np.dtype(token_dtype_for_vocab(enc.vocab_size)).name, "shards": len(tasks),

@@ -56,13 +56,16 @@ class IndexedDatasetBuilder:
     def add_documents(self, docs: list, prefix: np.ndarray, suffix: np.ndarray) -> None:
         """Append one sequence per id array in `docs` (each wrapped in `prefix`/`suffix` ids) in one write. The
         caller guarantees every id fits the dtype (ids of a tokenizer whose vocabulary the dtype was chosen for)."""
-        parts = []
-        for ids in docs:
-            if prefix.size:
-                parts.append(prefix)
-            parts.append(ids)
-            if suffix.size:
-                parts.append(suffix)
+        if prefix.size or suffix.size:
+            parts = []
+            for ids in docs:
+                if prefix.size:
+                    parts.append(prefix)
+                parts.append(ids)
+                if suffix.size:
+                    parts.append(suffix)
+        else:
+            parts = docs
         block = np.concatenate(parts).astype(self.dtype, copy=False)
         self._f.write(memoryview(block))
         extra = prefix.size + suffix.size
@@ -92,8 +95,9 @@ class IndexedDatasetBuilder:
         return False
 
 
-def merge_datasets(part_prefixes: list[str | Path], out_prefix: str | Path) -> tuple[int, int]:
-    """Concatenate datasets in the given order into `out_prefix` (same dtype required). Returns (sequences, tokens)."""
+def merge_datasets(part_prefixes: list[str | Path], out_prefix: str | Path, move: bool = False) -> tuple[int, int]:
+    """Concatenate datasets in the given order into `out_prefix` (same dtype required). Returns (sequences, tokens).
+    `move`: the parts are not needed afterwards, so a single part's .bin is renamed instead of copied."""
     parts = [IndexedDataset(p) for p in part_prefixes]
     if not parts:
         raise HibariError("merge: no input datasets")
@@ -112,10 +116,13 @@ def merge_datasets(part_prefixes: list[str | Path], out_prefix: str | Path) -> t
     bin_path, idx_path = data_file_path(out_prefix), index_file_path(out_prefix)
     bin_tmp, idx_tmp = _tmp(bin_path), _tmp(idx_path)
     try:
-        with open(bin_tmp, "wb") as out:
-            for p in parts:
-                with open(p.bin_path, "rb") as f:
-                    shutil.copyfileobj(f, out, length=16 << 20)
+        if move and len(parts) == 1:
+            os.replace(parts[0].bin_path, bin_tmp)
+        else:
+            with open(bin_tmp, "wb") as out:
+                for p in parts:
+                    with open(p.bin_path, "rb") as f:
+                        shutil.copyfileobj(f, out, length=16 << 20)
         write_index(idx_tmp, dtype, lengths, doc_idx)
         os.replace(bin_tmp, bin_path)
         os.replace(idx_tmp, idx_path)
