@@ -210,7 +210,9 @@ def test_ctrl_c_saves_then_second_ctrl_c_stops_at_once(tmp_path):
     assert "hibari: resuming from" in out and f"(step {step})" in out
     assert err.strip().splitlines()[-1].startswith("hibari: interrupted again: stopped every rank without saving")
     assert not _wait_gone(pids, timeout=10)
-    assert _latest_step(run) == step
+    # the second Ctrl-C does not wait for a save; a save the first one started may still have finished in the
+    # milliseconds between them (a tiny model's step is that short), and then it is complete (`latest` moves last)
+    assert _latest_step(run) >= step
 
 
 def test_no_rank_outlives_a_killed_launcher(tmp_path):
