@@ -5,7 +5,8 @@ metadata ops are counted too); host syncs are `aten._local_scalar_dense` (what `
 dispatch), counted apart for forward + backward and for torch's foreach AdamW (which reads each parameter's step
 count on the host, whatever the recipe). A step is forward (bf16 autocast for the quantized recipes, as the trainer
 runs them), cross-entropy, backward and a foreach AdamW step, with every transformer block quantized
-(bf16_first_layers = bf16_last_layers = 0). Step times are CPU time (process_time) per step, the
+(bf16_first_layers = bf16_last_layers = 0), applied as the trainer applies it (`LlamaPlan.apply_precision`: NVFP4
+runs q/k/v and w1/w3 as fused groups, `precision/fusion.py`). Step times are CPU time (process_time) per step, the
 recipes interleaved step by step so the load of a shared machine hits them alike; ratios are vs fp32.
 
     python -m bench.precision_ops [--recipes fp32,bf16,fp8_tensorwise,nvfp4 --steps 8 --threads 1]
@@ -27,7 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.quantize import write_section
 from megatron_ext.models import ModelArgs, Transformer
-from megatron_ext.precision import PrecisionConfig, apply_precision, set_step_context
+from megatron_ext.models.llama_parallel import LlamaPlan
+from megatron_ext.precision import PrecisionConfig, set_step_context
 
 MODEL = dict(vocab_size=256, dim=64, n_layers=4, n_heads=4, ffn_hidden_dim=128, max_seq_len=64)
 SYNC_OPS = ("aten._local_scalar_dense",)
@@ -60,8 +62,9 @@ class Run:
         torch.manual_seed(seed)
         self.recipe = recipe
         self.model = Transformer(ModelArgs(**MODEL))
-        apply_precision(self.model, PrecisionConfig(recipe=recipe, bf16_first_layers=0, bf16_last_layers=0,
-                                                    **precision))
+        cfg = PrecisionConfig(recipe=recipe, bf16_first_layers=0, bf16_last_layers=0, **precision)
+        if cfg.quantized:  # as the trainer applies it (LlamaPlan.build_stage): same-input linears fused
+            LlamaPlan(ModelArgs(**MODEL), cfg).apply_precision(self.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, foreach=True)
         g = torch.Generator().manual_seed(seed)
         self.tokens = torch.randint(0, MODEL["vocab_size"], (batch, seq + 1), generator=g)

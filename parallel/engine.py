@@ -41,6 +41,15 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
 
 
+def _add_auxiliary(loss: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    """loss + aux; under loss parallel the cross-entropy is a (replicated) DTensor and a plain aux joins it as one."""
+    if hasattr(loss, "device_mesh") and not hasattr(aux, "device_mesh"):
+        from torch.distributed.tensor import DTensor
+
+        aux = DTensor.from_local(aux, loss.device_mesh, loss.placements, run_check=False)
+    return loss + aux
+
+
 class Engine:
     """Owns the model parts of this rank and runs forward/backward through the configured layout."""
 
@@ -62,6 +71,10 @@ class Engine:
         self._stages = []
         self._view: nn.Module | None = None
         self._mb_losses: list[torch.Tensor] = []
+        # a plan's extra last-stage outputs per pipeline micro-batch (MoE router carries), kept for step metrics
+        self._mb_carries: list[tuple[torch.Tensor, ...]] = []
+        self._step_carries: list[tuple[torch.Tensor, ...]] = []
+        self._carry_runs = 0
         self._loss_factor = 1.0
         self._n_microbatches = 1
 
@@ -117,7 +130,8 @@ class Engine:
                 plan.apply_tensor_parallel(model, eng.mesh["tp"], cfg.sequence_parallel, cfg.loss_parallel)
             ignored = None
             if cfg.ep > 1:  # the plan shards its experts over ep ranks carved from dp_shard; FSDP leaves them alone
-                dp_mesh = eng.mesh["dp_shard", "tp"] if cfg.tp > 1 else eng.mesh["dp_shard"]
+                dp_dims = ("dp_replicate", "dp_shard") if cfg.dp_replicate > 1 else ("dp_shard",)  # HSDP: both
+                dp_mesh = eng.mesh[dp_dims + ("tp",) if cfg.tp > 1 else dp_dims]
                 ignored = plan.apply_expert_parallel(model, dp_mesh, cfg.ep)
             if cfg.activation_checkpoint != "none":
                 apply_activation_checkpointing(plan.blocks(model), cfg.activation_checkpoint, cfg.ac_every_n_layers)
@@ -180,13 +194,23 @@ class Engine:
             raise HibariError(f"parallel.pp_microbatches={self.cfg.pp_microbatches}: does not divide the local batch "
                               f"size {tokens.shape[0]} (micro batch size per dp rank)")
 
-    def _pp_loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _pp_loss_fn(self, output, target: torch.Tensor) -> torch.Tensor:
+        """Last stage, per pipeline micro-batch. A stage may return (logits, *carry): tensors a plan passes from stage
+        to stage (MoE router statistics); `plan.pipeline_auxiliary_loss(carry)` is then added to the cross-entropy
+        and the gradient flows back to earlier stages through the carry's."""
+        carry = ()
+        if isinstance(output, (tuple, list)):
+            output, carry = output[0], tuple(output[1:])
         loss = cross_entropy(output, target)
         self._mb_losses.append(to_plain(loss.detach()).float())
-        return loss * (self._loss_factor / self._n_microbatches)
+        total = loss
+        if carry:
+            self._mb_carries.append(tuple(c.detach() for c in carry))
+            total = _add_auxiliary(loss, self.plan.pipeline_auxiliary_loss(carry))
+        return total * (self._loss_factor / self._n_microbatches)
 
     def _pp_run(self, tokens, labels, document_ids, train: bool, n_microbatches: int) -> torch.Tensor:
-        self._mb_losses = []
+        self._mb_losses, self._mb_carries = [], []
         self._n_microbatches = n_microbatches
         kwargs = {} if document_ids is None else {"document_ids": document_ids.to(self.device)}
         args = (tokens.to(self.device),) if self.is_first_stage else ()
@@ -204,12 +228,32 @@ class Engine:
             # the schedule's first step also calls the loss function on placeholder outputs to infer gradient
             # metadata: the real microbatch losses are the last n_microbatches recorded
             loss = torch.stack(self._mb_losses[-n_microbatches:]).mean().to(self.device)
+            if train and self._mb_carries:
+                self._step_carries += self._mb_carries[-n_microbatches:]
         else:
             loss = torch.zeros((), dtype=torch.float32, device=self.device)
-        owner = last_stage_owner(cfg.pp, cfg.pp_stages_per_rank, cfg.pp_schedule)
-        dist.broadcast(loss, src=dist.get_global_rank(self._pp_group, owner), group=self._pp_group)
-        self._mb_losses = []
+        self._carry_runs += int(train)
+        loss = self.from_last_stage(loss)
+        self._mb_losses, self._mb_carries = [], []
         return loss
+
+    def from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` as the rank holding the last pipeline stage has it, on every pp rank (same shape and dtype
+        everywhere; a collective over the pp group). Identity without PP."""
+        if self.cfg.pp == 1:
+            return t
+        owner = last_stage_owner(self.cfg.pp, self.cfg.pp_stages_per_rank, self.cfg.pp_schedule)
+        t = t.contiguous()
+        dist.broadcast(t, src=dist.get_global_rank(self._pp_group, owner), group=self._pp_group)
+        return t
+
+    def take_pipeline_carries(self) -> list[tuple[torch.Tensor, ...]] | None:
+        """The carries (detached) the last stage received for the training pipeline micro-batches since the last
+        call, oldest first ([] on ranks without the last stage); None, on every rank, when no training pipeline
+        step ran since then. Clears them."""
+        carries = self._step_carries if self._carry_runs else None
+        self._step_carries, self._carry_runs = [], 0
+        return carries
 
     def forward_backward_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
                               before_micro_batch=None) -> torch.Tensor:
@@ -277,11 +321,7 @@ class Engine:
                 logits = model(tokens, document_ids=document_ids)
             loss = cross_entropy(logits, labels)
             aux = self._auxiliary_loss()
-            if aux is not None and hasattr(loss, "device_mesh") and not hasattr(aux, "device_mesh"):
-                from torch.distributed.tensor import DTensor  # loss parallel: the CE is a (replicated) DTensor
-
-                aux = DTensor.from_local(aux, loss.device_mesh, loss.placements, run_check=False)
-            ((loss if aux is None else loss + aux) * loss_scale).backward()
+            ((loss if aux is None else _add_auxiliary(loss, aux)) * loss_scale).backward()
         return to_plain(loss.detach()).float()
 
     def _auxiliary_loss(self) -> torch.Tensor | None:

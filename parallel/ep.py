@@ -10,9 +10,15 @@ all-to-all token dispatchers do:
 2. the local experts run on their groups;
 3. combine: the inverse regrouping and all-to-all back; the caller weights and sums as without EP.
 
-ep may be smaller than the data-parallel size D (`dp_shard`): the D ranks then form D/ep groups of ep ranks each
-holding all experts once (mesh ("edp", "ep") unflattened from dp_shard; parameters [Replicate(), Shard(0)]), and the
-experts' gradients are all-reduced over "edp" as they are computed (FSDP leaves these parameters alone).
+The ep ranks are carved from the data-parallel ones: ep consecutive ranks of dp_shard (so an ep group never spans
+dp_replicate, usually the slower inter-node dimension; ep must divide dp_shard). With D = dp_replicate x dp_shard
+data-parallel ranks (all of them see different tokens) and D > ep, the D ranks form D/ep groups of ep ranks, each
+holding all experts once: mesh ("edp", "ep") unflattened from the dp ranks (dp_replicate outer, dp_shard inner,
+so dp rank = edp x ep + ep rank), parameters [Replicate(), Shard(0)]. "edp" thus spans both the other dp_shard
+groups (ep < dp_shard) and the HSDP replicas (dp_replicate > 1): the experts' gradients are all-reduced over it, one
+all-reduce for both, as they are computed (FSDP/HSDP leaves these parameters alone). The global grad norm counts
+each expert parameter once: its shard is replicated over edp (and tp), and `parallel.grads.clip_grad_norm_` weighs a
+replicated shard by 1/replicas.
 
 Gradients: data parallelism averages over ranks (each rank's loss is the mean over its own tokens), but an expert's
 weight gradient sums contributions of every rank's tokens of its ep group (and over edp). The combine step therefore
@@ -84,13 +90,18 @@ class _Dispatch:
 
 
 def expert_mesh(dp_mesh, ep: int):
-    """(mesh, index of its ep dim) for the experts. `dp_mesh`: the dp_shard ranks, 1-D, or ("dp_shard", "tp") under
-    tensor parallelism (the MoE is replicated over tp). Dim 0 becomes "ep" when ep is all of dp_shard, else it is
-    unflattened into ("edp", "ep") (ep consecutive dp ranks share one copy of all experts)."""
+    """(mesh, index of its ep dim) for the experts. `dp_mesh`: the root mesh's data-parallel dims, "dp_shard" or
+    ("dp_replicate", "dp_shard") under HSDP, then "tp" under tensor parallelism (the MoE is replicated over tp).
+    The data-parallel dims become "ep" when ep is all of them, else ("edp", "ep"): ep consecutive dp ranks share one
+    copy of all experts, replicated over edp (the other dp_shard groups and, under HSDP, the replicas)."""
+    names = dp_mesh.mesh_dim_names
+    if names[0] == "dp_replicate":  # merge (dp_replicate, dp_shard) into one dp dim: one edp group reduces both
+        sizes = (dp_mesh.size(0) * dp_mesh.size(1) // ep, ep) + tuple(dp_mesh.mesh.shape[2:])
+        merged = dp_mesh._flatten("_".join(names))  # a new mesh, not a slice of the root's flattened "dp"
+        return merged._unflatten(0, sizes, ("edp", "ep") + tuple(names[2:])), 1
     if dp_mesh.size(0) == ep:
         return dp_mesh, 0
-    names = ("edp", "ep")
-    return dp_mesh._unflatten(0, (dp_mesh.size(0) // ep, ep), names), 1
+    return dp_mesh._unflatten(0, (dp_mesh.size(0) // ep, ep), ("edp", "ep")), 1
 
 
 def apply_expert_parallel(experts: nn.Module, mesh, ep_dim: int) -> set[nn.Parameter]:
@@ -111,7 +122,7 @@ def apply_expert_parallel(experts: nn.Module, mesh, ep_dim: int) -> set[nn.Param
         setattr(experts, name, sharded)
     dp_size = ep * (mesh.size(0) if ep_dim == 1 else 1)
     exchange = _Dispatch(mesh.get_group(ep_dim), ep, grad_divisor=dp_size)
-    if ep_dim == 1:  # each edp replica saw other tokens: sum their (already 1/D-scaled) gradients
+    if ep_dim == 1:  # each edp replica (dp_shard group, HSDP replica) saw other tokens: sum their 1/D-scaled grads
         edp_group = mesh.get_group(0)
 
         def all_reduce_over_edp(grad):

@@ -37,9 +37,6 @@ def validate_layout(cfg: ParallelConfig, model_args, world_size: int) -> Paralle
         if dp_shard % cfg.ep:
             raise HibariError(f"parallel.ep={cfg.ep}: must divide dp_shard={dp_shard} (experts are sharded over ep "
                               f"ranks carved from the data-parallel ones)")
-        if cfg.dp_replicate != 1 or cfg.pp != 1:
-            raise HibariError(f"parallel.ep={cfg.ep}: supported with dp_replicate=1 and pp=1 so far (got "
-                              f"{cfg.dp_replicate}, {cfg.pp})")
     v = cfg.pp_stages_per_rank
     if cfg.pp > 1:
         if cfg.pp_schedule in SINGLE_STAGE_SCHEDULES and v != 1:

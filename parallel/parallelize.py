@@ -65,6 +65,10 @@ def apply_fsdp(root: nn.Module, units: list[tuple[nn.Module, bool | None]], dp_m
         kw["offload_policy"] = CPUOffloadPolicy()
     for module, reshard in units:
         fully_shard(module, reshard_after_forward=reshard_after_forward if reshard is None else reshard, **kw)
+    # the root does not cast its inputs: token ids, activations the units cast themselves, and fp32 tensors a plan
+    # carries between pipeline stages (MoE router statistics: counts and sums a bf16 cast would round)
+    kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                           cast_forward_inputs=False)
     fully_shard(root, reshard_after_forward=reshard_after_forward, **kw)
 
 

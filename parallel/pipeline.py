@@ -13,6 +13,7 @@ from torch import nn
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
 _DTYPE_CODES = [torch.float32, torch.bfloat16, torch.float16]  # activations crossing pipeline stages
+_MAX_DIMS = 4
 
 
 def stage_layer_ids(stage: int, n_stages: int, n_layers: int) -> list[int]:
@@ -44,21 +45,43 @@ def build_schedule(parts: list[nn.Module], stage_ids: list[int], n_stages: int, 
 
     scale_grads=False: `loss_fn` divides by the number of micro-batches itself.
     """
-    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
+    from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
                                               ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 
-    stages = [PipelineStage(part, stage, n_stages, device, group=pp_group) for part, stage in zip(parts, stage_ids)]
+    stage_class = _stage_class()
+    stages = [stage_class(part, stage, n_stages, device, group=pp_group) for part, stage in zip(parts, stage_ids)]
     kinds = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
              "interleaved_zb": ScheduleInterleavedZeroBubble, "zbv": ScheduleZBVZeroBubble}
     arg = stages[0] if schedule in ("gpipe", "1f1b") else stages
     return stages, kinds[schedule](arg, n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
+def _stage_class():
+    """PipelineStage whose shape-inference pass (the first schedule step runs every stage forward and backward on
+    tensors made from the received metadata, results discarded) gets normal(0, 1) values of a fixed seed instead of
+    uninitialised memory: garbage or constant hidden states route every token to the same experts, and under expert
+    parallelism a rank that receives no token leaves the all-to-all's backward (the other ranks then wait)."""
+    from torch.distributed.pipelining import PipelineStage
+
+    class Stage(PipelineStage):
+        def _to_tensor(self, arg):
+            t = super()._to_tensor(arg)
+            if not isinstance(arg, torch.Tensor) and t.is_floating_point():
+                with torch.no_grad():
+                    local = t.to_local() if hasattr(t, "to_local") else t
+                    values = torch.randn(local.shape, generator=torch.Generator().manual_seed(0))
+                    local.copy_(values.to(local.dtype))
+            return t
+
+    return Stage
+
+
 def forward_only(parts: dict[int, nn.Module], pp_rank: int, pp: int, n_stages: int, schedule: str, pp_group,
                  device: torch.device, tokens: torch.Tensor, labels: torch.Tensor,
                  document_ids: torch.Tensor | None, n_microbatches: int, loss_fn: Callable) -> None:
     """Validation through the pipeline: micro-batches pass stage by stage with plain P2P sends; the last stage
-    calls `loss_fn(output, labels)` per micro-batch.
+    calls `loss_fn(output, labels)` per micro-batch. A stage may return a tuple (hidden state and tensors a plan
+    carries between stages, e.g. MoE router statistics): the next stage gets them all as positional inputs.
 
     The schedules' own eval() runs backward actions on the zero-bubble runtimes; forward-only needs no schedule,
     only the stage order (works for loop and V placements alike). `parts`: stage index -> module, this rank's.
@@ -68,26 +91,42 @@ def forward_only(parts: dict[int, nn.Module], pp_rank: int, pp: int, n_stages: i
     peer = lambda rank: dist.get_global_rank(pp_group, rank)  # noqa: E731
     for m in range(n_microbatches):
         doc = None if doc_mbs[m] is None else doc_mbs[m].to(device)
-        hidden = None
+        hidden: tuple[torch.Tensor, ...] = ()
         for s in range(n_stages):
             owner = stage_owner(s, pp, schedule)
             nxt = stage_owner(s + 1, pp, schedule) if s + 1 < n_stages else None
             if owner == pp_rank:
-                x = tok_mbs[m].to(device) if s == 0 else hidden
-                out = parts[s](x, document_ids=doc)
+                xs = (tok_mbs[m].to(device),) if s == 0 else hidden
+                out = parts[s](*xs, document_ids=doc)
                 if s == n_stages - 1:
                     loss_fn(out, lab_mbs[m].to(device))
                 elif nxt == pp_rank:
-                    hidden = out
+                    hidden = tuple(out) if isinstance(out, (tuple, list)) else (out,)
                 else:
-                    out = out.contiguous()
-                    header = torch.tensor([*out.shape, _DTYPE_CODES.index(out.dtype)], dtype=torch.int64,
-                                          device=device)
-                    dist.send(header, peer(nxt), group=pp_group)
-                    dist.send(out, peer(nxt), group=pp_group)
+                    _send_tensors(tuple(out) if isinstance(out, (tuple, list)) else (out,), peer(nxt), pp_group,
+                                  device)
             elif nxt == pp_rank:
-                header = torch.empty(4, dtype=torch.int64, device=device)
-                dist.recv(header, peer(owner), group=pp_group)
-                *shape, code = header.tolist()
-                hidden = torch.empty(shape, dtype=_DTYPE_CODES[code], device=device)
-                dist.recv(hidden, peer(owner), group=pp_group)
+                hidden = _recv_tensors(peer(owner), pp_group, device)
+
+
+def _send_tensors(tensors: tuple[torch.Tensor, ...], dst: int, group, device: torch.device) -> None:
+    """Each tensor after a header [more follow, dtype code, ndim, shape padded to _MAX_DIMS] (`_recv_tensors`)."""
+    for i, t in enumerate(tensors):
+        t = t.contiguous()
+        header = [int(i + 1 < len(tensors)), _DTYPE_CODES.index(t.dtype), t.dim(), *t.shape]
+        header = torch.tensor(header + [0] * (_MAX_DIMS - t.dim()), dtype=torch.int64, device=device)
+        dist.send(header, dst, group=group)
+        dist.send(t, dst, group=group)
+
+
+def _recv_tensors(src: int, group, device: torch.device) -> tuple[torch.Tensor, ...]:
+    out = []
+    more = 1
+    while more:
+        header = torch.empty(3 + _MAX_DIMS, dtype=torch.int64, device=device)
+        dist.recv(header, src, group=group)
+        more, code, ndim, *shape = header.tolist()
+        t = torch.empty(shape[:ndim], dtype=_DTYPE_CODES[code], device=device)
+        dist.recv(t, src, group=group)
+        out.append(t)
+    return tuple(out)

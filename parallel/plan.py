@@ -8,14 +8,17 @@ to redo after materialising meta tensors. The engine applies the layout with the
 
 Conventions every plan keeps:
 - a stage module is called as `stage(inputs, document_ids=...)` and returns logits (last stage) or hidden states;
+  under PP it may return a tuple (logits or hidden states, *carry): the carry tensors become the next stage's extra
+  positional inputs, and on the last stage the engine adds the plan's `pipeline_auxiliary_loss(carry)` to the loss
+  (MoE router losses over all stages' blocks) and keeps the carries for `Engine.take_pipeline_carries`;
 - `blocks(stage)` is the `nn.ModuleDict` of the repeated blocks (activation checkpointing and torch.compile wrap its
   entries in place; keys are global block ids, so parameter names do not depend on the layout);
 - parameter names of `merged_view(parts)` are the model's canonical names (the training-checkpoint keys).
 
 Optional methods the engine calls when a plan has them (mixture-of-experts models,
 `megatron_ext/models/mixtral_parallel.py`): `apply_expert_parallel(stage, dp_mesh, ep) -> set of parameters`
-(`dp_mesh`: "dp_shard", or ("dp_shard", "tp") when tp > 1; shards the experts, see `parallel/ep.py`; FSDP leaves
-the returned parameters alone), `auxiliary_loss(stage)`
+(`dp_mesh`: "dp_shard", ("dp_replicate", "dp_shard") when dp_replicate > 1, + "tp" when tp > 1; shards the
+experts, see `parallel/ep.py`; FSDP leaves the returned parameters alone), `auxiliary_loss(stage)`
 (an extra loss of the forward just run, added to the cross-entropy before backward) and `step_metrics(engine)`
 (device tensors for the step's metrics record, `Engine.model_metrics`).
 """

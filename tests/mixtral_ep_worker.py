@@ -117,3 +117,151 @@ def launch(world: int, layouts: list[dict], out_dir) -> list[dict]:
     if errors:
         raise AssertionError("\n".join(errors))
     return out
+
+
+# ------------------------------------------------------------------ pipeline parallel (tests/test_mixtral_pp.py)
+def train_step(engine, data):
+    """The trainer's path: all of a step's micro-batches in one engine.forward_backward_step, clip, AdamW."""
+    opt = torch.optim.AdamW(list(engine.parameters()), lr=LR, weight_decay=0.1, foreach=True)
+    records = []
+    for tokens in data:
+        loss = engine.forward_backward_step([(t, lab, None) for t, lab in
+                                             micro_batches(tokens, engine.dp_rank, engine.dp_size)])
+        norm = float(engine.clip_grad_norm_(MAX_NORM))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        records.append({"loss": float(engine.dp_mean(loss)), "norm": norm,
+                        **{k: v.tolist() for k, v in engine.model_metrics().items()}})
+    return records, opt
+
+
+def run_pipeline_layouts(rank: int, world: int, port: int, layouts: list[dict], out_dir: str) -> None:
+    """Each layout: 5 steps (layout["step"]: through forward_backward_step, else one forward_backward per
+    micro-batch), a validation loss after them, and this rank's parameters (a pp rank holds only its stages)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from megatron_ext.models.mixtral_parallel import build_engine
+    from megatron_ext.precision.config import PrecisionConfig
+    from parallel import ParallelConfig, destroy, init_distributed
+
+    info = init_distributed("gloo")
+    results = {}
+    try:
+        for layout in layouts:
+            name = layout["name"]
+            engine = build_engine(mixtral_args(**layout.get("model", {})), ParallelConfig(**layout["parallel"]),
+                                  PrecisionConfig(recipe="fp32"), info, seed=SEED)
+            records, _ = (train_step if layout.get("step") else train)(engine, make_data())
+            val = make_data(STEPS + 1)[-1]  # a batch no step trained on
+            val_loss = float(engine.forward_loss(val[:, :-1], val[:, 1:]))
+            results[name] = {"records": records, "val_loss": val_loss}
+            torch.save(full_params(engine), Path(out_dir, f"params_{name}_rank{rank}.pt"))
+    except Exception:  # noqa: BLE001 - reported to the test through the results file
+        results["error"] = traceback.format_exc()
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        destroy()
+
+
+def launch_pipeline(world: int, layouts: list[dict], out_dir) -> list[dict]:
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload([__name__])
+    mp.start_processes(run_pipeline_layouts, args=(world, free_port(), layouts, str(out_dir)), nprocs=world,
+                       join=True, start_method="forkserver")
+    out = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+    errors = [f"rank {r} failed:\n{res['error']}" for r, res in enumerate(out) if "error" in res]
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return out
+
+
+# ------------------------------------------------------------------ quantized experts (tests/test_precision_moe.py)
+def run_quantized_experts(rank: int, world: int, port: int, recipe: str, out_dir: str) -> None:
+    """One block's experts under `recipe` (stochastic rounding on): EP over all ranks, each rank with its own
+    tokens, vs the same experts in this process without EP on all ranks' tokens (per expert: rank 0's rows, then
+    rank 1's, as the all-to-all delivers them). Writes the max |difference| of outputs and gradients."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import copy
+
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from megatron_ext.models.mixtral import MixtralTransformer, grouped_linear
+    from megatron_ext.precision import PrecisionConfig, apply_precision, set_step_context
+    from parallel import destroy, init_distributed
+    from parallel.ep import apply_expert_parallel
+
+    init_distributed("gloo")
+    results = {}
+    try:
+        torch.manual_seed(SEED)
+        args = mixtral_args(n_layers=1)
+        model = MixtralTransformer(args)
+        model.init_weights()
+        apply_precision(model, PrecisionConfig(recipe=recipe, bf16_first_layers=0, bf16_last_layers=0))
+        single = model.layers["0"].feed_forward.experts
+        sharded = copy.deepcopy(single)
+        g = torch.Generator().manual_seed(11)
+        xs, dys, sizes = [], [], []
+        for _ in range(world):  # every rank's tokens, sorted by expert (expert 3 gets none)
+            ids = torch.sort(torch.randint(0, args.n_experts - 1, (24,), generator=g)).values
+            xs.append(torch.randn(24, args.dim, generator=g))
+            dys.append(torch.randn(24, args.dim, generator=g))
+            sizes.append(torch.bincount(ids, minlength=args.n_experts))
+        # one process: expert e's rows = rank 0's group e, then rank 1's, ...
+        starts = [torch.cumsum(s, 0) - s for s in sizes]
+        rows = [[(r, int(starts[r][e]), int(sizes[r][e])) for r in range(world)] for e in range(args.n_experts)]
+        x_all = torch.cat([xs[r][a:a + n] for groups in rows for r, a, n in groups]).requires_grad_(True)
+        dy_all = torch.cat([dys[r][a:a + n] for groups in rows for r, a, n in groups])
+        set_step_context(single, step=5, micro_batch=1, dp_rank=0)
+        y_all = single(x_all, torch.stack(sizes).sum(0))
+        (y_all * dy_all).sum().backward()
+        mine, at = [], 0  # this rank's rows inside the one-process batch
+        for groups in rows:
+            for r, _, n in groups:
+                if r == rank:
+                    mine += range(at, at + n)
+                at += n
+        mine = torch.tensor(mine)
+
+        apply_expert_parallel(sharded, init_device_mesh("cpu", (world,)), 0)
+        set_step_context(sharded, step=5, micro_batch=1, dp_rank=rank)
+        x = xs[rank].clone().requires_grad_(True)
+        y = sharded(x, sizes[rank])
+        (y * dys[rank]).sum().backward()
+        diff = {"y": (y - y_all[mine]).abs().max().item(), "dx": (x.grad - x_all.grad[mine]).abs().max().item()}
+        for w in ("w1", "w2", "w3"):  # EP averages expert gradients over the dp ranks: x world = the sum
+            got = getattr(sharded, w).grad.full_tensor() * world
+            diff[f"d{w}"] = (got - getattr(single, w).grad).abs().max().item()
+        w1, w2, w3 = (getattr(single, w).detach() for w in ("w1", "w2", "w3"))
+        total = torch.stack(sizes).sum(0)
+        ref = grouped_linear(F.silu(grouped_linear(x_all.detach(), w1, total)) * grouped_linear(
+            x_all.detach(), w3, total), w2, total)
+        diff["quantized_vs_fp32"] = ((y_all - ref).norm() / ref.norm()).item()
+        results[recipe] = diff
+    except Exception:  # noqa: BLE001 - reported to the test through the results file
+        results["error"] = traceback.format_exc()
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        destroy()
+
+
+def launch_quantized_experts(world: int, recipe: str, out_dir) -> list[dict]:
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload([__name__])
+    mp.start_processes(run_quantized_experts, args=(world, free_port(), recipe, str(out_dir)), nprocs=world,
+                       join=True, start_method="forkserver")
+    out = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+    errors = [f"rank {r} failed:\n{res['error']}" for r, res in enumerate(out) if "error" in res]
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return out

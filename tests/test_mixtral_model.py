@@ -175,3 +175,16 @@ def test_mixtral_args_validation():
     # 4 experts x 3 matrices x 16 x 24 + router; flops count the 2 active experts only
     assert moe.num_params() - ModelArgs(**base).num_params() == 3 * (3 * 16 * 24) + 16 * 4
     assert moe.num_params(active_only=True) - ModelArgs(**base).num_params() == 1 * (3 * 16 * 24) + 16 * 4
+
+
+def test_grouped_linear_on_no_tokens_keeps_the_graph():
+    """An expert-parallel rank that receives no tokens must still run backward through the all-to-all (else its
+    peers wait in the collective forever): the empty output stays connected to its input."""
+    from megatron_ext.models.mixtral import grouped_linear
+
+    x = torch.zeros(0, 16, requires_grad=True)
+    w = torch.randn(4, 8, 16, requires_grad=True)
+    y = grouped_linear(x, w, torch.zeros(4, dtype=torch.long))
+    assert y.shape == (0, 8) and y.grad_fn is not None
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 16)

@@ -1,7 +1,8 @@
 """Mixtral under the parallel engine vs one plain process, fp32, 5 AdamW steps (2 micro-batches, clipping):
 expert parallel EP2 (= dp_shard 2), EP2 with a capacity factor, FSDP2 without EP, TP2 with and without sequence /
-loss parallel, EP2 x FSDP2, FSDP2 x TP2 and EP2 x TP2 (4 ranks; EP2 x FSDP2: experts replicated over 2 groups of
-2), and DCP resharding of an EP2 checkpoint (model + optimizer) into FSDP2, EP4 and one process.
+loss parallel, EP2 x FSDP2, FSDP2 x TP2, EP2 x TP2 and EP2 x HSDP 2x2 (4 ranks; EP2 x FSDP2: experts replicated
+over 2 groups of 2; HSDP: over the 2 replicas), and DCP resharding of an EP2 checkpoint (model + optimizer) into
+FSDP2, EP4 and one process, and of the EP2 x HSDP one into EP2 x FSDP4 and one process.
 
 The reference is the plain `MixtralTransformer` in one process: for each dp shard and micro-batch, cross-entropy +
 router losses of that micro-batch (the HF load-balancing loss is per forward, so per rank under data parallelism),
@@ -31,7 +32,10 @@ LAYOUTS = [
 LAYOUTS_4 = [{"name": "ep2_fsdp2", "parallel": {"dp_shard": 4, "ep": 2}},
              {"name": "fsdp2_tp2", "parallel": {"dp_shard": 2, "tp": 2}},
              {"name": "ep2_tp2", "parallel": {"dp_shard": 2, "tp": 2, "ep": 2}},
-             {"name": "load_ep2_into_ep4", "parallel": {"dp_shard": 4, "ep": 4}, "load": "ep2"}]
+             {"name": "load_ep2_into_ep4", "parallel": {"dp_shard": 4, "ep": 4}, "load": "ep2"},
+             # HSDP: experts Shard(0) over ep = dp_shard, replicated over dp_replicate, gradients averaged over all 4
+             {"name": "hsdp2_ep2", "parallel": {"dp_replicate": 2, "dp_shard": 2, "ep": 2}, "save": True},
+             {"name": "load_hsdp2_ep2_into_ep2", "parallel": {"dp_shard": 4, "ep": 2}, "load": "hsdp2_ep2"}]
 
 
 def reference_run(model_overrides: dict, dp_size: int = 2, steps_data=None):
@@ -93,11 +97,12 @@ def _assert_records_match(got, want):
 
 
 @pytest.mark.parametrize("world, name", [(2, "ep2"), (2, "ep2_capacity"), (2, "fsdp2"), (2, "tp2"), (2, "tp2_no_sp"),
-                                         (4, "ep2_fsdp2"), (4, "fsdp2_tp2"), (4, "ep2_tp2")])
+                                         (4, "ep2_fsdp2"), (4, "fsdp2_tp2"), (4, "ep2_tp2"), (4, "hsdp2_ep2")])
 def test_layout_matches_one_process(request, workdir, world, name):
     layout = next(lay for lay in LAYOUTS + LAYOUTS_4 if lay["name"] == name)
-    # tensor parallel ranks share their data: the reference splits the batch over dp_shard only
-    want, model, _ = reference_run(layout.get("model", {}), dp_size=layout["parallel"].get("dp_shard", 1))
+    # tensor parallel ranks share their data: the reference splits the batch over the dp ranks only
+    dp_size = layout["parallel"].get("dp_shard", 1) * layout["parallel"].get("dp_replicate", 1)
+    want, model, _ = reference_run(layout.get("model", {}), dp_size=dp_size)
     per_rank = [r[name] for r in request.getfixturevalue("results" if world == 2 else "results_4")]
     assert all(r["records"] == per_rank[0]["records"] for r in per_rank)  # logged values agree on every rank
     assert len(per_rank[0]["records"]) == STEPS
@@ -112,40 +117,45 @@ def test_layout_matches_one_process(request, workdir, world, name):
     assert diff <= 0.05 * LR, f"{name}: params differ from one process by {diff}"
 
 
-def test_ep2_checkpoint_resumes_in_fsdp2_and_one_process(results, workdir):
-    """Saved under EP2 (experts sharded by expert), loaded under FSDP2 (sharded by row) and in one process: the
-    next two steps match the reference continuing from its own state (so the optimizer state came along)."""
+def _resume_in_one_process(workdir, name: str, dp_size: int) -> list[dict]:
+    """Load checkpoint `name` (model + optimizer) into one process, check the weights are those the saving run
+    ended with, and train two more steps; one process = one dp rank fed all dp shards' micro-batches."""
     import torch.distributed.checkpoint as dcp
 
     from megatron_ext.models.mixtral_parallel import build_engine
     from megatron_ext.precision.config import PrecisionConfig
     from parallel import DistInfo, ParallelConfig
 
-    _, model, opt = reference_run({})
-    (want,) = continue_run(model, opt, make_data(2))
-    _assert_records_match([r["load_ep2_into_fsdp2"] for r in results][0]["records"], want)
-
     one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
     engine = build_engine(mixtral_args(), ParallelConfig(), PrecisionConfig(recipe="fp32"), one, seed=0)
     eng_opt = torch.optim.AdamW(list(engine.parameters()), lr=LR, weight_decay=0.1, foreach=True)
     state = {"model": engine.model_state_dict(), "optimizer": engine.optimizer_state_dict(eng_opt)}
-    dcp.load(state, checkpoint_id=str(workdir / "ckpt_ep2"))
+    dcp.load(state, checkpoint_id=str(workdir / f"ckpt_{name}"))
     engine.load_model_state_dict(state["model"])
     engine.load_optimizer_state_dict(eng_opt, state["optimizer"])
-    saved = torch.load(workdir / "params_ep2.pt", weights_only=True)
-    for name, p in engine.named_parameters():
-        assert torch.equal(p.detach(), saved[name]), name
-    # one process = one dp rank: feed it both shards' micro-batches as 2 x GRAD_ACCUM micro-steps
+    saved = torch.load(workdir / f"params_{name}.pt", weights_only=True)
+    for pname, p in engine.named_parameters():
+        assert torch.equal(p.detach(), saved[pname]), pname
     records = []
     for tokens in make_data(2):
-        micro = micro_batches(tokens, 0, 2) + micro_batches(tokens, 1, 2)
+        micro = [mb for r in range(dp_size) for mb in micro_batches(tokens, r, dp_size)]
         losses = [engine.forward_backward(t, lab, loss_scale=1.0 / len(micro)) for t, lab in micro]
         norm = float(engine.clip_grad_norm_(MAX_NORM))
         eng_opt.step()
         eng_opt.zero_grad(set_to_none=True)
         records.append({"loss": float(torch.stack(losses).mean()), "norm": norm,
                         **{k: v.tolist() for k, v in engine.model_metrics().items()}})
-    _assert_records_match(records, want)
+    return records
+
+
+def test_ep2_checkpoint_resumes_in_fsdp2_and_one_process(results, workdir):
+    """Saved under EP2 (experts sharded by expert), loaded under FSDP2 (sharded by row) and in one process: the
+    next two steps match the reference continuing from its own state (so the optimizer state came along)."""
+    _, model, opt = reference_run({})
+    (want,) = continue_run(model, opt, make_data(2))
+    _assert_records_match([r["load_ep2_into_fsdp2"] for r in results][0]["records"], want)
+
+    _assert_records_match(_resume_in_one_process(workdir, "ep2", dp_size=2), want)
 
 
 def test_ep2_checkpoint_resumes_in_ep4(results_4):
@@ -156,3 +166,15 @@ def test_ep2_checkpoint_resumes_in_ep4(results_4):
     per_rank = [r["load_ep2_into_ep4"] for r in results_4]
     assert all(r["records"] == per_rank[0]["records"] for r in per_rank)
     _assert_records_match(per_rank[0]["records"], want)
+
+
+def test_hsdp2_ep2_checkpoint_resumes_in_ep2_and_one_process(results_4, workdir):
+    """Saved under EP2 x HSDP 2x2 (experts Shard(0) over ep, Replicate over dp_replicate), loaded under EP2 x FSDP4
+    (dp_replicate 1: experts replicated over 2 dp_shard groups) and in one process: the next two steps match the
+    reference continuing from its own state with 4 data-parallel shards."""
+    _, model, opt = reference_run({}, dp_size=4)
+    (want,) = continue_run(model, opt, make_data(2), dp_size=4)
+    per_rank = [r["load_hsdp2_ep2_into_ep2"] for r in results_4]
+    assert all(r["records"] == per_rank[0]["records"] for r in per_rank)
+    _assert_records_match(per_rank[0]["records"], want)
+    _assert_records_match(_resume_in_one_process(workdir, "hsdp2_ep2", dp_size=4), want)

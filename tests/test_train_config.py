@@ -115,6 +115,8 @@ def _dataset(prefix, docs, vocab=None):
     (["precision.recipe=mxfp8", "parallel.tp=2"], 2,
      "mxfp8 quantizes layers.1.attention.wk, which is 64->32 (64->16 per TP rank); both sizes must be multiples "
      "of 32"),
+    (["precision.recipe=nvfp4", "precision.backend=te", "parallel.tp=2"], 2,
+     "field precision.backend: te is not supported with parallel.tp=2"),
     (["data={type: indexed, blend: [[1.0, /nonexistent/ja]]}"], 1,
      "field data.blend[0]: /nonexistent/ja.bin not found"),
 ])

@@ -20,6 +20,11 @@ from parallel.dist import DistInfo
 from parallel.parallelize import replicate_module
 
 
+# Linears of a block that read the same input: a quantized recipe runs each group as one fused GEMM group
+# (TransformerEngine's fused QKV / fc1; `megatron_ext/precision/fusion.py`). The model still calls them one by one.
+LINEAR_GROUPS = (("attention.wq", "attention.wk", "attention.wv"), ("feed_forward.w1", "feed_forward.w3"))
+
+
 def compute_dtype(precision_cfg) -> torch.dtype:
     """fp32 when no precision is configured or the recipe is fp32; bf16 for bf16 and the quantized recipes."""
     if precision_cfg is None or getattr(precision_cfg, "recipe", "fp32") == "fp32":
@@ -46,9 +51,7 @@ class LlamaPlan:
         with torch.device("meta"):
             model = Transformer(self.args)
         if self.precision_cfg is not None and getattr(self.precision_cfg, "quantized", False):
-            from megatron_ext.precision import apply_precision  # noqa: PLC0415
-
-            apply_precision(model, self.precision_cfg)
+            self.apply_precision(model)
         keep = {str(i) for i in layer_ids}
         for key in list(model.layers.keys()):
             if key not in keep:
@@ -59,6 +62,13 @@ class LlamaPlan:
             model.norm = None
             model.output = None
         return model
+
+    def apply_precision(self, model: nn.Module) -> nn.Module:
+        """The quantized recipe on the whole model, same-input linears fused (`LINEAR_GROUPS`); the trainer (via
+        `build_stage`) and `bench/precision_ops.py` both go through here."""
+        from megatron_ext.precision import apply_precision  # noqa: PLC0415
+
+        return apply_precision(model, self.precision_cfg, linear_groups=LINEAR_GROUPS)
 
     def blocks(self, stage: Transformer) -> nn.ModuleDict:
         return stage.layers
@@ -171,16 +181,16 @@ def apply_tensor_parallel(model: Transformer, tp_mesh, sequence_parallel: bool, 
     # pipeline stages exchange plain local tensors: [b, s/tp, dim] under sequence parallel
     if sp and (model.tok_embeddings is None or model.output is None):
         first, last = model.tok_embeddings is not None, model.output is not None
+        # plain tensors a stage passes along with its hidden state (Mixtral's router carry) stay as they are
+        hidden = (Shard(1),) + ((None,) if getattr(model, "pipeline_carry", False) else ())
         if not first and not last:
-            style = PrepareModuleInputOutput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
-                                             use_local_input=False, output_layouts=(Shard(1),),
-                                             desired_output_layouts=(Shard(1),), use_local_output=True)
+            style = PrepareModuleInputOutput(input_layouts=hidden, desired_input_layouts=hidden,
+                                             use_local_input=False, output_layouts=hidden,
+                                             desired_output_layouts=hidden, use_local_output=True)
         elif not first:
-            style = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
-                                       use_local_output=False)
+            style = PrepareModuleInput(input_layouts=hidden, desired_input_layouts=hidden, use_local_output=False)
         else:
-            style = PrepareModuleOutput(output_layouts=(Shard(1),), desired_output_layouts=(Shard(1),),
-                                        use_local_output=True)
+            style = PrepareModuleOutput(output_layouts=hidden, desired_output_layouts=hidden, use_local_output=True)
         parallelize_module(model, tp_mesh, style)
 
 

@@ -19,6 +19,8 @@ Router losses (read after a forward with `router_losses()`):
   n_experts x sum_e (share of top-k assignments to e) x (mean router probability of e), the shares and means taken
   over every block's tokens together, times `router_aux_loss_coef`;
 - z-loss (ST-MoE): mean over tokens of logsumexp(router logits)^2, summed over blocks, times `router_z_loss_coef`.
+Both are functions of per-block sums, so a pipeline stage (`pipeline_carry`) adds its blocks' sums to a "router
+carry" tensor passed along with the hidden state, and the last stage computes the losses of the whole forward from it.
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Ten
     """Rows of `x` [tokens, in] grouped by expert (group g = the next group_sizes[g] rows) times weight[g].T
     (weight [groups, out, in], nn.Linear layout) -> [tokens, out]."""
     w_t = weight.transpose(-2, -1)
-    if x.shape[0] == 0:
-        return x.new_zeros((0, weight.shape[1]))
+    if x.shape[0] == 0:  # keep the graph: under expert parallel the backward must still reach the all-to-all
+        return x @ w_t[0]  # (a rank that received no tokens would otherwise skip the collective and hang its peers)
     if _grouped_mm_ok(x, w_t):
         offsets = torch.cumsum(group_sizes, dim=0).to(torch.int32)
         out = _GROUPED_MM(x, w_t, offs=offsets)
@@ -72,16 +74,31 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
 
 
 class GroupedExperts(nn.Module):
-    """n SwiGLU experts with stacked weights: w2(silu(w1 x) * w3 x) per expert."""
+    """n SwiGLU experts with stacked weights: w2(silu(w1 x) * w3 x) per expert.
+
+    A quantized precision recipe (`megatron_ext.precision.apply_precision`) sets `recipe` (one recipe per expert and
+    weight) and `mode` ("quantized" | "forward_only" | "bf16"): every expert GEMM then runs as a quantized linear of
+    its own (`megatron_ext/precision/grouped.py`); without a recipe, or in mode "bf16", the grouped GEMMs below."""
+
+    grouped_weights = ("w1", "w3", "w2")  # stacked [n_experts, out, in]: what a precision recipe quantizes
 
     def __init__(self, n_experts: int, dim: int, hidden_dim: int):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))  # gate
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))  # up
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))  # down
+        self.recipe = None  # megatron_ext.precision.grouped.ExpertRecipes under a quantized recipe
+        self.mode = "bf16"
+
+    def extra_repr(self) -> str:
+        return "" if self.recipe is None else f"recipe={self.recipe.name}, mode={self.mode}"
 
     def forward(self, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
         """x [tokens, dim] sorted by expert, group_sizes [n_experts] (sums to tokens) -> [tokens, dim]."""
+        if self.recipe is not None and self.mode != "bf16":
+            from megatron_ext.precision.grouped import quantized_experts_forward  # noqa: PLC0415
+
+            return quantized_experts_forward(self, x, group_sizes)
         w1, w3, w2 = (_local(w) for w in (self.w1, self.w3, self.w2))
         # compute dtype: autocast's, else the activations' (FSDP's bf16 params leave expert-parallel weights fp32)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -179,14 +196,28 @@ class RouterLosses:
 
 
 class MixtralTransformer(Transformer):
-    """`Transformer` whose blocks are `MixtralBlock`s; call `router_losses()` after a forward."""
+    """`Transformer` whose blocks are `MixtralBlock`s; call `router_losses()` after a forward.
+
+    As a pipeline stage (`pipeline_carry` set): called as stage(tokens or hidden, [router carry], document_ids=...),
+    returns (logits or hidden, router carry) with this stage's blocks' statistics added (`add_router_carry`)."""
 
     block_class = MixtralBlock
+    pipeline_carry = False
 
     def __init__(self, args: ModelArgs):
         if args.arch != "mixtral":
             raise ValueError(f"MixtralTransformer needs arch mixtral, got {args.arch!r}")
         super().__init__(args)
+
+    def forward(self, tokens: torch.Tensor, *carry: torch.Tensor, document_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
+        if carry and not self.pipeline_carry:
+            raise TypeError("MixtralTransformer.forward: a router carry is only taken by a pipeline stage")
+        out = super().forward(tokens, document_ids=document_ids, position_ids=position_ids)
+        if not self.pipeline_carry:
+            return out
+        stats = {int(key): block.feed_forward.stats for key, block in self.layers.items()}
+        return out, add_router_carry(carry[0] if carry else None, stats, self.args)
 
     def router_losses(self) -> RouterLosses | None:
         """Losses of the blocks this module holds (all of them; a pipeline stage: its own); None before a forward."""
@@ -200,8 +231,35 @@ def router_losses(stats: list[RouterStats], args: ModelArgs) -> RouterLosses:
     assignments = torch.stack([s.assignments for s in stats])
     tokens = sum(s.tokens for s in stats)
     prob_sum = torch.stack([s.prob_sum for s in stats]).sum(dim=0)
-    load_balancing = args.n_experts * torch.sum((assignments.sum(dim=0) / tokens) * (prob_sum / tokens))
     z_loss = torch.stack([s.z_loss for s in stats]).sum()
+    return _losses(assignments, prob_sum, tokens, z_loss, args)
+
+
+def add_router_carry(carry: torch.Tensor | None, stats: dict[int, RouterStats], args: ModelArgs) -> torch.Tensor:
+    """carry + the statistics of blocks {block id: stats} (carry None: zeros). The carry is one fp32 vector
+    [n_layers x n_experts assignments (row = block id), n_experts router probability sums, tokens, z-loss sum]:
+    everything the losses of a forward need, summed over blocks; the probability and z sums carry the gradient."""
+    n_layers, n_experts = args.n_layers, args.n_experts
+    ref = next(iter(stats.values())).prob_sum
+    rows = torch.tensor(sorted(stats), device=ref.device)
+    assignments = torch.zeros(n_layers, n_experts, device=ref.device).index_copy(
+        0, rows, torch.stack([stats[i].assignments for i in sorted(stats)]))
+    added = torch.cat([assignments.flatten(), torch.stack([s.prob_sum for s in stats.values()]).sum(dim=0),
+                       ref.new_tensor([float(sum(s.tokens for s in stats.values()))]),
+                       torch.stack([s.z_loss for s in stats.values()]).sum().reshape(1)])
+    return added if carry is None else carry + added
+
+
+def router_losses_from_carry(carry: torch.Tensor, args: ModelArgs) -> RouterLosses:
+    """The router losses of a whole forward from the carry its last pipeline stage returned."""
+    n = args.n_layers * args.n_experts
+    assignments = carry[:n].view(args.n_layers, args.n_experts)
+    return _losses(assignments, carry[n:n + args.n_experts], carry[-2], carry[-1], args)
+
+
+def _losses(assignments, prob_sum, tokens, z_loss, args: ModelArgs) -> RouterLosses:
+    """transformers' load_balancing_loss_func from per-expert totals over the blocks (`tokens`: summed over blocks)."""
+    load_balancing = args.n_experts * torch.sum((assignments.sum(dim=0) / tokens) * (prob_sum / tokens))
     total = args.router_aux_loss_coef * load_balancing
     if args.router_z_loss_coef:
         total = total + args.router_z_loss_coef * z_loss

@@ -6,10 +6,12 @@
   just run, added to the cross-entropy before backward; `step_metrics` reports their per-step means and the expert
   load (top-k assignments per expert and block, summed over the step's micro-batches and the dp ranks);
 - tensor parallel: attention, embedding and head as for Llama; the MoE replicated over the tp ranks (gathered
-  sequence in, this rank's slice out under sequence parallel), so the router losses are those of one process.
-
-Not yet: pipeline parallelism (the HF load-balancing loss spans all blocks of a forward, which a pipeline stage does
-not see; refused with a one-line error).
+  sequence in, this rank's slice out under sequence parallel), so the router losses are those of one process;
+- pipeline parallel: the HF load-balancing loss spans all blocks of a forward, but it is a function of per-block
+  sums, so every stage passes a fp32 "router carry" (megatron_ext/models/mixtral.py `add_router_carry`) on with its
+  hidden state and adds its blocks' sums; the last stage's loss function adds `pipeline_auxiliary_loss(carry)` (the
+  losses of the whole pipeline micro-batch) to the cross-entropy, and the gradient reaches earlier stages' routers
+  through the carry's gradient: the same loss and gradients as one process running that micro-batch.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from hibari.errors import HibariError
 from megatron_ext.models.llama import ModelArgs
 from megatron_ext.models.llama_parallel import LlamaPlan, apply_tensor_parallel, compute_dtype
-from megatron_ext.models.mixtral import MixtralTransformer
+from megatron_ext.models.mixtral import MixtralTransformer, router_losses_from_carry
 from parallel import Engine
 from parallel.dist import DistInfo
 
@@ -31,8 +33,9 @@ class MixtralPlan(LlamaPlan):
         if args.arch != "mixtral":
             raise HibariError(f"MixtralPlan: model.arch is {args.arch!r}, expected mixtral")
         if precision_cfg is not None and getattr(precision_cfg, "quantized", False):
-            raise HibariError(f"precision.recipe={precision_cfg.recipe}: quantized recipes are not implemented for "
-                              "mixtral yet (use bf16 or fp32)")
+            from megatron_ext.precision.grouped import check_experts_supported  # noqa: PLC0415
+
+            check_experts_supported(precision_cfg, "mixtral")  # fp8_delayed, te/torchao: one-line refusal
         super().__init__(args, precision_cfg)
         self._sums: dict[str, torch.Tensor] = {}
         self._micro_steps = 0
@@ -43,11 +46,21 @@ class MixtralPlan(LlamaPlan):
             return MixtralTransformer(self.args).state_dict()
 
     def build_stage(self, layer_ids: list[int], first: bool, last: bool) -> MixtralTransformer:
-        if not (first and last):
-            raise HibariError("parallel.pp > 1: pipeline parallelism is not implemented for mixtral yet (the "
-                              "load-balancing loss spans all blocks); use pp=1")
         with torch.device("meta"):
-            return MixtralTransformer(self.args)
+            model = MixtralTransformer(self.args)
+        if self.precision_cfg is not None and getattr(self.precision_cfg, "quantized", False):
+            from megatron_ext.precision import apply_precision  # noqa: PLC0415
+
+            apply_precision(model, self.precision_cfg)  # block linears and expert GEMMs; router, head stay high
+        keep = {str(i) for i in layer_ids}
+        for key in [key for key in model.layers if key not in keep]:
+            del model.layers[key]
+        if not first:
+            model.tok_embeddings = None
+        if not last:
+            model.norm = model.output = None
+        model.pipeline_carry = not (first and last)  # a stage maps (inputs, carry) -> (outputs, carry)
+        return model
 
     def apply_tensor_parallel(self, stage, tp_mesh, sequence_parallel: bool, loss_parallel: bool) -> None:
         """Attention, embedding and head as for Llama; each MoE replicated over the tp ranks (every rank routes and
@@ -64,6 +77,8 @@ class MixtralPlan(LlamaPlan):
                     output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=False)})
 
     def apply_expert_parallel(self, stage: MixtralTransformer, dp_mesh, ep: int) -> set:
+        """Each block's experts sharded over ep ranks of `dp_mesh` (all dp ranks, HSDP replicas included) and
+        replicated over the rest; returns their parameters for FSDP to leave alone."""
         from parallel.ep import apply_expert_parallel, expert_mesh
 
         mesh, ep_dim = expert_mesh(dp_mesh, ep)
@@ -85,9 +100,16 @@ class MixtralPlan(LlamaPlan):
             self._micro_steps += 1
         return losses.total
 
+    def pipeline_auxiliary_loss(self, carry: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Under PP, on the last stage per pipeline micro-batch: the router losses of the whole forward from the
+        carry the last stage returned (the engine adds them to the cross-entropy)."""
+        return router_losses_from_carry(carry[0], self.args).total
+
     def step_metrics(self, engine: Engine) -> dict[str, torch.Tensor]:
         """Device tensors (no host sync): "aux_loss" and "z_loss", means over the step's micro-batches and dp ranks;
         "expert_load" [blocks, n_experts] top-k assignments summed over them (int64). Resets the sums."""
+        if engine.cfg.pp > 1:
+            return self._pipeline_step_metrics(engine)
         if not self._sums:
             return {}
         n = max(self._micro_steps, 1)
@@ -96,6 +118,24 @@ class MixtralPlan(LlamaPlan):
                "expert_load": (engine.dp_mean(self._sums["expert_load"]) * engine.dp_size).round().long()}
         self._sums, self._micro_steps = {}, 0
         return out
+
+    def _pipeline_step_metrics(self, engine: Engine) -> dict[str, torch.Tensor]:
+        """The step's metrics from the carries of its pipeline micro-batches (held by the last stage), sent to
+        every pp rank, then reduced over dp as without PP."""
+        carries = engine.take_pipeline_carries()
+        if carries is None:  # no training step since the last call (the same answer on every rank)
+            return {}
+        n_load = self.args.n_layers * self.args.n_experts
+        packed = torch.zeros(2 + n_load, device=engine.device)  # aux mean, z mean, expert load
+        if carries:
+            losses = [router_losses_from_carry(carry[0].float(), self.args) for carry in carries]
+            packed = torch.cat([torch.stack([x.load_balancing for x in losses]).mean().reshape(1),
+                                torch.stack([x.z_loss for x in losses]).mean().reshape(1),
+                                torch.stack([x.expert_load for x in losses]).sum(dim=0).flatten()])
+        packed = engine.from_last_stage(packed)
+        load = packed[2:].view(self.args.n_layers, self.args.n_experts)
+        return {"aux_loss": engine.dp_mean(packed[0]), "z_loss": engine.dp_mean(packed[1]),
+                "expert_load": (engine.dp_mean(load) * engine.dp_size).round().long()}
 
 
 def build_engine(model_args: ModelArgs, parallel_cfg, precision_cfg, dist_info: DistInfo, seed: int,

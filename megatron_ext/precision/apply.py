@@ -10,6 +10,9 @@ import torch.nn as nn
 
 from hibari.errors import HibariError
 from megatron_ext.precision.config import PrecisionConfig
+from megatron_ext.precision.grouped import (ExpertRecipes, check_experts_supported, expert_sizes, is_grouped_experts,
+                                            moe_high_precision_linears)
+from megatron_ext.precision.fusion import fuse_linear_groups
 from megatron_ext.precision.linear import RECIPES, QuantizedLinear
 from megatron_ext.precision.te_backend import apply_te, is_te_linear
 
@@ -54,19 +57,26 @@ def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def apply_precision(model: nn.Module, cfg: PrecisionConfig) -> nn.Module:
+def apply_precision(model: nn.Module, cfg: PrecisionConfig, linear_groups: tuple = ()) -> nn.Module:
     """In place: swap the nn.Linear modules inside the selected transformer blocks for quantized linears (same
-    Parameter objects and names, so checkpoints hold master weights only). fp32/bf16: the model is unchanged."""
+    Parameter objects and names, so checkpoints hold master weights only), and give their grouped experts (MoE) one
+    recipe per expert GEMM (`grouped.py`; the MoE router stays high precision). fp32/bf16: the model is unchanged."""
     if not cfg.quantized:
         return model
-    targets = []
+    targets, experts = [], []
     for block_name in quantized_block_names(model, cfg):
         block = model.get_submodule(block_name)
+        routers = moe_high_precision_linears(block)
         for sub_name, mod in block.named_modules():
+            if is_grouped_experts(mod):
+                experts.append((f"{block_name}.{sub_name}", mod))
+            if sub_name in routers:
+                continue
             if isinstance(mod, nn.Linear) and not isinstance(mod, QuantizedLinear) and sub_name:
                 qualified = f"{block_name}.{sub_name}"
                 _check_dims(qualified, mod, cfg)
                 targets.append((qualified, mod))
+    _apply_experts(experts, cfg)
     if cfg.backend == "torchao":
         _apply_torchao(model, cfg, {name for name, _ in targets})
         return model
@@ -76,7 +86,23 @@ def apply_precision(model: nn.Module, cfg: PrecisionConfig) -> nn.Module:
     for qualified, mod in targets:
         recipe = RECIPES[cfg.recipe](cfg, _layer_seed(cfg, qualified))
         _set_child(model, qualified, QuantizedLinear.from_linear(mod, recipe))
+    fuse_linear_groups(model, quantized_block_names(model, cfg), linear_groups)  # same-input linears: fusion.py
     return model
+
+
+def _apply_experts(experts: list[tuple[str, nn.Module]], cfg: PrecisionConfig) -> None:
+    """Each grouped-experts module gets one recipe per (weight, global expert), seeded by `<name>.<w>.<e>`."""
+    for qualified, mod in experts:
+        check_experts_supported(cfg, qualified)
+        multiple = 32 if cfg.recipe == "mxfp8" else 16
+        for w, fan_in, fan_out in expert_sizes(mod):
+            if fan_in % multiple or fan_out % multiple:
+                raise HibariError(f"precision.recipe={cfg.recipe}: experts {qualified}.{w} are {fan_in}->{fan_out}; "
+                                  f"both sizes must be multiples of {multiple}")
+        n = getattr(mod, mod.grouped_weights[0]).shape[0]
+        mod.recipe = ExpertRecipes(cfg, {w: [_layer_seed(cfg, f"{qualified}.{w}.{e}") for e in range(n)]
+                                         for w in mod.grouped_weights})
+        mod.mode = "quantized"
 
 
 def _apply_torchao(model: nn.Module, cfg: PrecisionConfig, names: set[str]) -> None:
@@ -96,12 +122,16 @@ def _apply_torchao(model: nn.Module, cfg: PrecisionConfig, names: set[str]) -> N
 
 
 def set_precision_mode(model: nn.Module, mode: str) -> int:
-    """Set every QuantizedLinear to `mode` ("quantized" | "forward_only" | "bf16"). torchao Float8Linear modules
-    can only go to "bf16": they are swapped back to nn.Linear sharing the same Parameters; TransformerEngine linears
-    (backend te) run unquantized in "bf16". Returns #layers changed."""
+    """Set every QuantizedLinear and quantized grouped experts module (MoE: one per block) to `mode` ("quantized" |
+    "forward_only" | "bf16"). torchao Float8Linear modules can only go to "bf16": they are swapped back to nn.Linear
+    sharing the same Parameters; TransformerEngine linears (backend te) run unquantized in "bf16". Returns #layers
+    changed."""
     changed = 0
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QuantizedLinear):
+            mod.mode = mode
+            changed += 1
+        elif is_grouped_experts(mod) and getattr(mod, "recipe", None) is not None:
             mod.mode = mode
             changed += 1
         elif is_te_linear(mod):

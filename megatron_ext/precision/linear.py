@@ -4,6 +4,9 @@ Tensor parallel: when the weight is a DTensor (ColwiseParallel / RowwiseParallel
 parallel), the layer computes on local shards and reduces each operand's amax with MAX over the TP group, so a
 sharded layer quantizes exactly as the unsharded one would, stochastic rounding included: its noise is a function of
 (seed, layer, role, step, micro-batch, DP rank, the element's global position) (`rounding.py`).
+
+NVFP4 (quantized mode, 2-D weight tiles) runs through `fusion.py`: one Function per linear, or per group of linears
+that read the same input when `apply_precision(..., linear_groups=...)` declared them (Llama: q/k/v, w1/w3).
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from megatron_ext.precision import fusion
 from megatron_ext.precision.recipes import ROLES, Recipe, ShardContext, recipe_registry
+
+F32 = torch.float32
 
 MODES = ("quantized", "forward_only", "bf16")
 RECIPES = recipe_registry()
@@ -45,6 +51,9 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, mode
     k = x.shape[-1]
     tp = tp or ShardContext()
     tp.state = state
+    tp.records_backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if fusion.fusable_recipe(recipe, mode):  # NVFP4 2D: the fused path as a group of one (fusion.py)
+        return fusion.linear(x, weight, recipe, tp)
     y = _QuantizedMatmul.apply(x.reshape(-1, k), weight, recipe, mode, tp)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -118,7 +127,10 @@ class QuantizedLinear(nn.Linear):
         if isinstance(x, DTensor):
             raise ValueError("QuantizedLinear: DTensor input with a plain weight is not supported")
         out_dtype = self._out_dtype(x)
-        y = quantized_linear(x, self.weight, self.recipe, self.mode, state=self._recipe_state())
+        if fusion.fusable(self):  # NVFP4: one Function per input for the linears of a group (fusion.py)
+            y = fusion.member_forward(self, x, self.weight, ShardContext(), out_dtype if self.bias is None else F32)
+        else:
+            y = quantized_linear(x, self.weight, self.recipe, self.mode, state=self._recipe_state())
         if self.bias is not None:
             y = y + self.bias.to(torch.float32)
         return y.to(out_dtype)
@@ -149,7 +161,10 @@ class QuantizedLinear(nn.Linear):
             tp = ShardContext(None)
             out_placement = Replicate()
         out_dtype = self._out_dtype(x_local)
-        y = quantized_linear(x_local, w.to_local(), self.recipe, self.mode, tp, state=self._recipe_state())
+        if fusion.fusable(self):
+            y = fusion.member_forward(self, x_local, w.to_local(), tp, out_dtype if self.bias is None else F32)
+        else:
+            y = quantized_linear(x_local, w.to_local(), self.recipe, self.mode, tp, state=self._recipe_state())
         if self.bias is not None:
             if placement.is_shard(1):
                 raise ValueError("QuantizedLinear: bias with RowwiseParallel is not supported")

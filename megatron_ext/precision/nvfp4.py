@@ -278,6 +278,70 @@ def quantize_many(mats: list[torch.Tensor], tile_rows: list[int], rounding: str 
     return out
 
 
+# Fused training path (`fusion.py`): the same formula on blocks already concatenated, per-block quantities [B, 1].
+
+def quantize_blocks(blocks, bmax, amax, seg, values_dtype, counts=None):
+    """`quantize_many`'s formula on concatenated 16-blocks [B, 16] with block maxes bmax [B, 1], per-operand
+    amaxes [k, 1] and per-block operand ids `seg` [B]: (E4M3 scales [B, 1], scales in `values_dtype`, E2M1 code
+    (SR) or RNE bucket [B, 16]). counts: int64 24-bit SR noise [B, 16] (`rounding.noise_counts`)."""
+    dev = blocks.device
+    g_enc = torch.clamp(torch.div(encode_numerator(dev), amax), max=FP32_MAX)[seg]  # per block, same values
+    scales = (bmax * (g_enc * _table("sixth", 1.0 / 6.0, dev))).to(torch.float8_e4m3fn)
+    scales_f = scales.to(torch.float32)
+    enc = torch.clamp(torch.reciprocal(scales_f * torch.reciprocal(g_enc)), max=FP32_MAX)
+    v = blocks * enc
+    if counts is None:  # RNE: the bucket of the signed value (BUCKET_CODES maps it to the code)
+        code = torch.bucketize(v, _table("bounds", BUCKET_BOUNDS, dev), out_int32=True, right=True)
+    else:  # SR: up with probability (a - lo) / step, i.e. when k < (a - lo) / step * 2^24 (exact scalings)
+        a = v.abs().clamp_(max=FP4_MAX)
+        lo_idx = torch.bucketize(a, _table("grid_up", E2M1_MAGNITUDES[1:], dev), out_int32=True, right=True)
+        p = (a - _table("grid", E2M1_MAGNITUDES, dev)[lo_idx]).mul_(
+            _table("inv_step_2^24", tuple(s * 2.0 ** 24 for s in (2, 2, 2, 2, 1, 1, 0.5, 0.5)), dev)[lo_idx])
+        code = lo_idx + (counts < p) + (v < 0) * 8
+    sv = scales_f if values_dtype == torch.float32 else scales.to(values_dtype)
+    return scales, sv, code
+
+
+def block_values(code, sv, rne: bool):
+    """grid value x block scale [B, 16] of RNE buckets (rne) or SR codes, in sv's dtype."""
+    table = (_table("bucket_values", [E2M1_VALUES[c] for c in BUCKET_CODES], sv.device, sv.dtype)
+             if rne else _table("code_values", E2M1_VALUES, sv.device, sv.dtype))
+    return table[code] * sv  # exact in bf16: <= 6 significant bits
+
+
+def encode_numerator(dev):
+    """2688 as a float32 [1] tensor: a bf16 amax (exact) divided by it computes in float32 without a cast."""
+    return _table("2688[1]", [GLOBAL_ENCODE_NUMERATOR], dev)
+
+
+def segment_amax(bmax, sizes, dev):
+    """Per-operand amax [k, 1] of block maxes [B, 1] laid out as consecutive segments of `sizes` blocks."""
+    return torch.segment_reduce(bmax, "max", lengths=_segments(sizes, dev)[0], axis=0, unsafe=True)  # no host check
+
+
+def segment_ids(sizes, dev) -> torch.Tensor:
+    """Operand id of each block [sum(sizes)] (cached)."""
+    return _segments(sizes, dev)[1]
+
+
+def pack_buckets(bucket: torch.Tensor) -> torch.Tensor:
+    """RNE buckets (int32 [B, 16], < 16) -> two per byte [B, 8], the even one in the low nibble (what backward
+    unpacks with the bucket-pair value table; a bucket names its code: BUCKET_CODES)."""
+    if sys.byteorder == "little":
+        pairs = bucket.view(torch.int64)  # b0 + 2^32 b1: >> 28 puts b1 << 4 in the low byte, kept by the cast
+        return (pairs | (pairs >> 28)).to(torch.uint8)
+    pairs = bucket.view(-1, 8, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+
+
+def unpack_buckets(codes, scales, dtype):
+    """Packed RNE buckets + E4M3 scales [B, 1] -> grid value x scale [B, 16] (exact in bf16)."""
+    dev = codes.device
+    table = _table("bucket_pairs", [[E2M1_VALUES[BUCKET_CODES[b & 15]], E2M1_VALUES[BUCKET_CODES[b >> 4]]]
+                                    for b in range(256)], dev, dtype)
+    return table[codes.int()].view(-1, 16) * scales.to(dtype)
+
+
 def quantize(x: torch.Tensor, tile: tuple[int, int] = (1, 16), rounding: str = "rne",
              generator: torch.Generator | None = None, global_amax: torch.Tensor | None = None, *,
              uniforms: torch.Tensor | None = None) -> NVFP4Tensor:

@@ -9,6 +9,11 @@ Per linear layer and micro-batch:
 - backward: ONE `quantize_many` pass over dy (1x16) and RHT(dy^T) (1x16 along tokens), stochastic rounding from
   counter-based noise (`rounding.py`) keyed by the elements' global positions; dgrad and wgrad in bf16 the same way.
 
+The training path (QuantizedLinear / quantized_linear in quantized mode with 2-D weight tiles) runs the same
+operands and GEMMs through `fusion.py` (fewer ops per call; linears reading the same input fused into one
+Function); `NVFP4Recipe.forward` / `backward` serve the other modes (forward_only, 1x16 weights) and are the
+per-linear oracle the fused path is tested against bit for bit.
+
 Against the fp32 emulation (fake-quantized fp32 operands, fp32 GEMM) the operands are bit-identical and each output
 element differs only by fp32 rounding: |bf16 path - emulation| <= 2 K 2^-24 (|A| @ |B|^T) elementwise, K the reduction
 length (both accumulate exact products in fp32; the emulation also rounds each operand element when it applies the
@@ -34,6 +39,7 @@ def _values_dtype(t: torch.Tensor) -> torch.dtype:
 
 class NVFP4Recipe(Recipe):
     name = "nvfp4"
+    fused = True  # 2-D weight tiles, quantized mode: QuantizedLinear / quantized_linear run `fusion.py`'s path
 
     def __init__(self, cfg, layer_seed):
         super().__init__(cfg, layer_seed)

@@ -21,6 +21,8 @@ need_dw) -> (dx, dw)` for the three GEMMs (operands arranged so the reduction di
 
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -45,6 +47,7 @@ class ShardContext:
         self.replicated = replicated
         self.rank = dist.get_rank(group) if group is not None else 0
         self.state = state  # the layer's persistent recipe state (fp8_delayed: amax history, use count)
+        self.records_backward = False  # a backward will follow (grad mode on): fp8_delayed keeps forward scales
 
     def reduce_max(self, t: torch.Tensor, role: str | None = None) -> torch.Tensor:
         if self.group is not None and role not in self.replicated:
@@ -225,12 +228,33 @@ class FP8DelayedRecipe(FP8TensorwiseRecipe):
     def __init__(self, cfg, layer_seed):
         super().__init__(cfg, layer_seed)
         self._own_state: tuple | None = None  # used when called without a module (quantized_linear on tensors)
+        # forward scales kept for activation checkpointing's recompute: (step, {role: scale amax}) per forward
+        self._forward_scales: collections.deque = collections.deque(maxlen=1024)
 
     def new_state(self, device=None) -> tuple:
         return (torch.zeros(len(ROLES), self.cfg.amax_history_len, device=device),
                 torch.zeros(len(ROLES), dtype=torch.int64, device=device))
 
+    def _replayed_scale(self, role):
+        """Activation checkpointing re-runs a block's forward inside backward. That recompute must quantize with the
+        scales the original forward used and leave the history alone (else the amax is recorded twice and the
+        recomputed activations differ from the ones the loss saw): replay the oldest unreplayed forward of this
+        step, in order (every pipeline schedule recomputes micro-batches in their forward order)."""
+        while self._forward_scales and self._forward_scales[0][0] != self.rounding.step:
+            self._forward_scales.popleft()  # forwards of earlier steps that were never recomputed
+        if not self._forward_scales:
+            raise RuntimeError(f"fp8_delayed: a forward recomputed in backward has no recorded scale for {role} "
+                               "(reentrant activation checkpointing is not supported; use the non-reentrant one)")
+        _, scales = self._forward_scales[0]
+        scale = scales.pop(role)
+        if not scales:
+            self._forward_scales.popleft()
+        return scale
+
     def _scale_amax(self, role, amax, ctx):
+        forward_role = role in ("x_fwd", "w_fwd")
+        if forward_role and torch._C._current_graph_task_id() != -1:  # inside backward: a recompute
+            return self._replayed_scale(role)
         amax = amax.reshape(1, 1)
         if ctx.state:
             hist, count = ctx.state
@@ -246,6 +270,10 @@ class FP8DelayedRecipe(FP8TensorwiseRecipe):
         scale_amax = torch.where(c == 0, amax, hist[i].max())
         hist[i].index_copy_(0, torch.remainder(c, hist.shape[1]).reshape(1), amax.reshape(1))
         count[i:i + 1].add_(1)
+        if forward_role and ctx.records_backward:
+            if role == "x_fwd" or not self._forward_scales or role in self._forward_scales[-1][1]:
+                self._forward_scales.append((self.rounding.step, {}))
+            self._forward_scales[-1][1][role] = scale_amax
         return scale_amax
 
     def state(self) -> dict:

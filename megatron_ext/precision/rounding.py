@@ -87,6 +87,26 @@ def position_hashes(key: int, rows: int, cols: int, row0: int = 0, col0: int = 0
     return torch.add(_cached("row", row0, rows, device).unsqueeze(1), col_term, out=out)
 
 
+def row_hashes(row0: int, rows: int, device) -> torch.Tensor:
+    """int64 [rows, 1]: the mixed stream starts of global rows row0.. (cached; `position_hashes`' row term)."""
+    key = ("row2", row0, rows, str(device))
+    t = _POSITION_CACHE.get(key)
+    if t is None:  # cached as a column too: no per-call view
+        t = _POSITION_CACHE[key] = _cached("row", row0, rows, device).unsqueeze(1)
+    return t
+
+
+def col_offsets(col0: int, cols: int, device) -> torch.Tensor:
+    """int64 [cols]: the Weyl offsets of global columns col0.. (cached; `position_hashes`' column term)."""
+    return _cached("col", col0, cols, device)
+
+
+def noise_counts(h: torch.Tensor) -> torch.Tensor:
+    """Mix pre-mix counters (in place) and keep the low 24 bits: int64 counts k, the uniform being k * 2^-24
+    (`uniforms_from_hashes` without the conversion: `k < p * 2^24` decides exactly as `u < p`)."""
+    return _mix64_(h, last_mask=False).bitwise_and_(0xFFFFFF)
+
+
 def uniforms_from_hashes(h: torch.Tensor) -> torch.Tensor:
     """Mix pre-mix counters (in place) and map the low 24 bits to float32 uniforms in [0, 1)."""
     return (_mix64_(h, last_mask=False) & 0xFFFFFF).to(torch.float32).mul_(2.0 ** -24)

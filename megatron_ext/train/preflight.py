@@ -62,6 +62,7 @@ def preflight(cfg: TrainConfig, world_size: int, scan_tokens: bool = True) -> Pr
     model_args, layout, accum = plan(cfg, world_size)
     result = PreflightResult(model_args, layout, accum)
     check_sequence_parallel(cfg, layout)
+    check_precision_backend(cfg, layout)
     check_quantized_sizes(cfg, model_args, layout)
     result.notes += check_data(cfg, model_args.vocab_size, scan_tokens)
     result.notes += check_checkpoints(cfg, model_args)
@@ -76,15 +77,31 @@ def check_sequence_parallel(cfg: TrainConfig, layout) -> None:
                           f"parallel.sequence_parallel: false)")
 
 
+def check_precision_backend(cfg: TrainConfig, layout) -> None:
+    """TransformerEngine's linears keep their own tensor-parallel machinery, which is not wired to hibari's DTensor
+    plan: a te.Linear handed a DTensor weight shard would compute on the wrong shapes, so refuse it before start."""
+    p = cfg.precision
+    if p.quantized and p.backend == "te" and layout.tp > 1:
+        raise ConfigError(f"field precision.backend: te is not supported with parallel.tp={layout.tp} "
+                          f"(TransformerEngine's tensor parallelism is not wired to hibari's plan); use tp=1 with te, "
+                          f"or backend auto|emulated|scaled_mm with tp > 1")
+
+
 def check_quantized_sizes(cfg: TrainConfig, model_args, layout) -> None:
     """The quantized GEMMs tile every operand in blocks of 16 (mxfp8: 32) along both weight dimensions, on the
     local TP shard; only the blocks the recipe quantizes (not the bf16_first/last_layers) matter."""
     p = cfg.precision
     if not p.quantized:
         return
-    if model_args.arch == "mixtral":
-        raise ConfigError(f"field precision.recipe: {p.recipe} is not implemented for model.arch mixtral yet "
-                          f"(the expert GEMMs are not quantized); use bf16 or fp32")
+    from megatron_ext.precision import grouped
+
+    if model_args.arch == "mixtral":  # expert GEMMs are quantized per expert (precision/grouped.py)
+        if p.recipe in grouped.UNSUPPORTED_RECIPES:
+            raise ConfigError(f"field precision.recipe: {p.recipe} is not supported for model.arch mixtral (per-"
+                              f"expert amax histories); use fp8_tensorwise, fp8_rowwise, mxfp8 or nvfp4")
+        if p.backend in grouped.UNSUPPORTED_BACKENDS:
+            raise ConfigError(f"field precision.backend: {p.backend} swaps nn.Linear modules only, not the grouped "
+                              f"expert GEMMs of model.arch mixtral; use auto, emulated or scaled_mm")
     import torch
     from torch import nn
 
@@ -95,8 +112,15 @@ def check_quantized_sizes(cfg: TrainConfig, model_args, layout) -> None:
         model = build_model(model_args)
     multiple = 32 if p.recipe == "mxfp8" else 16
     for block in quantized_block_names(model, p):
+        routers = grouped.moe_high_precision_linears(model.get_submodule(block))  # MoE router: not quantized
         for sub, mod in model.get_submodule(block).named_modules():
-            if not isinstance(mod, nn.Linear):
+            if grouped.is_grouped_experts(mod):  # whole experts on every rank (EP shards experts, TP replicates)
+                for w, fan_in, fan_out in grouped.expert_sizes(mod):
+                    if fan_in % multiple or fan_out % multiple:
+                        raise ConfigError(f"field precision.recipe: {p.recipe} quantizes the experts {block}.{sub}."
+                                          f"{w}, which are {fan_in}->{fan_out} (model.dim / model.ffn_hidden_dim); "
+                                          f"both sizes must be multiples of {multiple}")
+            if not isinstance(mod, nn.Linear) or sub in routers:
                 continue
             sizes = {"in": mod.in_features, "out": mod.out_features}
             if layout.tp > 1 and sub in _TP_SHARDED:
