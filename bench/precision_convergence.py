@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from bench.quantize import write_section
 from hibari.progress import progress_bar
 from megatron_ext.models import ModelArgs, Transformer
-from megatron_ext.precision import PrecisionConfig, PrecisionSchedule, apply_precision, set_step_context
+from megatron_ext.models.llama_parallel import LlamaPlan
+from megatron_ext.precision import PrecisionConfig, PrecisionSchedule, set_step_context
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHARED_TEXT = SHARED_DATA / "ja-plain-text" / "aozora" / "bocchan.txt"
@@ -89,10 +90,11 @@ def evaluate(model, data: torch.Tensor, batch: int, seq: int, n_batches: int = 4
 def train(name: str, overrides: dict, args, train_data, val_data) -> dict:
     overrides = dict(overrides)
     torch.manual_seed(args.seed + overrides.pop("init_seed", 0))
-    model = Transformer(ModelArgs(vocab_size=256, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                                  ffn_hidden_dim=args.ffn, max_seq_len=args.seq))
+    model_args = ModelArgs(vocab_size=256, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                           ffn_hidden_dim=args.ffn, max_seq_len=args.seq)
+    model = Transformer(model_args)
     cfg = PrecisionConfig(**overrides)
-    apply_precision(model, cfg)
+    LlamaPlan(model_args, cfg).apply_precision(model)  # as the trainer does (NVFP4: q/k/v and w1/w3 fused)
     tokens_per_step = args.batch * args.seq
     schedule = PrecisionSchedule(cfg, planned_tokens=args.steps * tokens_per_step)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))

@@ -63,10 +63,32 @@ def full_params(engine) -> dict[str, torch.Tensor]:
             for n, p in engine.named_parameters()}
 
 
-def run_layouts(rank: int, world: int, port: int, layouts: list[dict], out_dir: str) -> None:
+
+def _rank_env(rank: int, world: int, port: int) -> None:
+    """The torchrun-style environment of one spawned rank (one CPU thread each: the ranks share 2 cores)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def _spawn(target, world: int, payload, out_dir) -> list[dict]:
+    """Run target(rank, world, port, payload, out_dir) on `world` ranks; each writes rank{r}.json (an "error" key
+    holds a rank's traceback). Returns the per-rank results, or raises with every failed rank's traceback."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload([__name__])
+    mp.start_processes(target, args=(world, free_port(), payload, str(out_dir)), nprocs=world, join=True,
+                       start_method="forkserver")
+    out = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+    errors = [f"rank {r} failed:\n{res['error']}" for r, res in enumerate(out) if "error" in res]
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return out
+
+def run_layouts(rank: int, world: int, port: int, layouts: list[dict], out_dir: str) -> None:
+    _rank_env(rank, world, port)
     import torch.distributed.checkpoint as dcp
 
     from megatron_ext.models.mixtral_parallel import build_engine
@@ -105,18 +127,7 @@ def run_layouts(rank: int, world: int, port: int, layouts: list[dict], out_dir: 
 
 
 def launch(world: int, layouts: list[dict], out_dir) -> list[dict]:
-    import multiprocessing
-
-    import torch.multiprocessing as mp
-
-    multiprocessing.set_forkserver_preload([__name__])
-    mp.start_processes(run_layouts, args=(world, free_port(), layouts, str(out_dir)), nprocs=world, join=True,
-                       start_method="forkserver")
-    out = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
-    errors = [f"rank {r} failed:\n{res['error']}" for r, res in enumerate(out) if "error" in res]
-    if errors:
-        raise AssertionError("\n".join(errors))
-    return out
+    return _spawn(run_layouts, world, layouts, out_dir)
 
 
 # ------------------------------------------------------------------ pipeline parallel (tests/test_mixtral_pp.py)
@@ -138,9 +149,7 @@ def train_step(engine, data):
 def run_pipeline_layouts(rank: int, world: int, port: int, layouts: list[dict], out_dir: str) -> None:
     """Each layout: 5 steps (layout["step"]: through forward_backward_step, else one forward_backward per
     micro-batch), a validation loss after them, and this rank's parameters (a pp rank holds only its stages)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    _rank_env(rank, world, port)
     from megatron_ext.models.mixtral_parallel import build_engine
     from megatron_ext.precision.config import PrecisionConfig
     from parallel import ParallelConfig, destroy, init_distributed
@@ -165,18 +174,7 @@ def run_pipeline_layouts(rank: int, world: int, port: int, layouts: list[dict], 
 
 
 def launch_pipeline(world: int, layouts: list[dict], out_dir) -> list[dict]:
-    import multiprocessing
-
-    import torch.multiprocessing as mp
-
-    multiprocessing.set_forkserver_preload([__name__])
-    mp.start_processes(run_pipeline_layouts, args=(world, free_port(), layouts, str(out_dir)), nprocs=world,
-                       join=True, start_method="forkserver")
-    out = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
-    errors = [f"rank {r} failed:\n{res['error']}" for r, res in enumerate(out) if "error" in res]
-    if errors:
-        raise AssertionError("\n".join(errors))
-    return out
+    return _spawn(run_pipeline_layouts, world, layouts, out_dir)
 
 
 # ------------------------------------------------------------------ quantized experts (tests/test_precision_moe.py)
@@ -184,9 +182,7 @@ def run_quantized_experts(rank: int, world: int, port: int, recipe: str, out_dir
     """One block's experts under `recipe` (stochastic rounding on): EP over all ranks, each rank with its own
     tokens, vs the same experts in this process without EP on all ranks' tokens (per expert: rank 0's rows, then
     rank 1's, as the all-to-all delivers them). Writes the max |difference| of outputs and gradients."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    _rank_env(rank, world, port)
     import copy
 
     import torch.nn.functional as F
@@ -253,15 +249,4 @@ def run_quantized_experts(rank: int, world: int, port: int, recipe: str, out_dir
 
 
 def launch_quantized_experts(world: int, recipe: str, out_dir) -> list[dict]:
-    import multiprocessing
-
-    import torch.multiprocessing as mp
-
-    multiprocessing.set_forkserver_preload([__name__])
-    mp.start_processes(run_quantized_experts, args=(world, free_port(), recipe, str(out_dir)), nprocs=world,
-                       join=True, start_method="forkserver")
-    out = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
-    errors = [f"rank {r} failed:\n{res['error']}" for r, res in enumerate(out) if "error" in res]
-    if errors:
-        raise AssertionError("\n".join(errors))
-    return out
+    return _spawn(run_quantized_experts, world, recipe, out_dir)

@@ -50,23 +50,19 @@ def _ids(sizes, device) -> torch.Tensor:
     return nvfp4.segment_ids(tuple(sizes), device)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in fp32 for operands exact in bf16 (bf16 tensor cores with fp32 output on CUDA, fp32 on CPU)."""
+def _mm(a: torch.Tensor, b: torch.Tensor, op=torch.mm) -> torch.Tensor:
+    """a @ b (op: torch.mm or torch.bmm) in fp32 for operands exact in bf16 (bf16 tensor cores with fp32 output on
+    CUDA, fp32 on CPU)."""
     if a.is_cuda:
         try:
-            return torch.mm(a, b, out_dtype=F32)
+            return op(a, b, out_dtype=F32)
         except (RuntimeError, TypeError, NotImplementedError):
-            return torch.mm(a, b).to(F32)
-    return torch.mm(a, b)
+            return op(a, b).to(F32)
+    return op(a, b)
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.is_cuda:
-        try:
-            return torch.bmm(a, b, out_dtype=F32)
-        except (RuntimeError, TypeError, NotImplementedError):
-            return torch.bmm(a, b).to(F32)
-    return torch.bmm(a, b)
+    return _mm(a, b, torch.bmm)
 
 
 def _tp_key(t: torch.Tensor) -> tuple:
