@@ -250,3 +250,72 @@ def run_quantized_experts(rank: int, world: int, port: int, recipe: str, out_dir
 
 def launch_quantized_experts(world: int, recipe: str, out_dir) -> list[dict]:
     return _spawn(run_quantized_experts, world, recipe, out_dir)
+
+
+# ------------------------------------------------------------ collapsed routing (tests/test_mixtral_ep_empty.py)
+def zero_routers(named_parameters) -> int:
+    """Zero every router weight (every logit ties: top-k then picks the same k experts for every token, whatever
+    the hidden state). Run before each step: the routers still get gradients and AdamW moves them. Returns the count."""
+    n = 0
+    with torch.no_grad():
+        for name, p in named_parameters:
+            if name.endswith("router.weight"):
+                p.zero_()
+                n += 1
+    return n
+
+
+def run_collapsed_routing(rank: int, world: int, port: int, layouts: list[dict], out_dir: str) -> None:
+    """Each layout: EP training steps with the routers zeroed before every step, so all tokens go to the experts
+    of one rank and the other receives none (its experts run on empty inputs); a 1-minute collective timeout turns
+    a rank missing from a collective into an error instead of a hang."""
+    _rank_env(rank, world, port)
+    from megatron_ext.models.mixtral_parallel import build_engine
+    from megatron_ext.precision.config import PrecisionConfig
+    from parallel import ParallelConfig, destroy, init_distributed
+
+    info = init_distributed("gloo", timeout_minutes=1)
+    results = {}
+    try:
+        for layout in layouts:
+            engine = build_engine(mixtral_args(), ParallelConfig(**layout["parallel"], timeout_minutes=1),
+                                  PrecisionConfig(**layout.get("precision", {"recipe": "fp32"})), info, seed=SEED)
+            records, opt = [], None
+            for tokens in make_data(layout["steps"]):
+                assert zero_routers(engine.named_parameters()) == MIXTRAL_TINY["n_layers"]
+                step, opt = train(engine, [tokens], opt)
+                records += step
+            results[layout["name"]] = {"records": records}
+    except Exception:  # noqa: BLE001 - reported to the test through the results file
+        results["error"] = traceback.format_exc()
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        destroy()
+
+
+def launch_with_deadline(target, world: int, payload, out_dir, deadline_s: float) -> list[dict]:
+    """`_spawn` that cannot block the suite: ranks still running after deadline_s are terminated and the launch
+    raises (a hang fails the test instead of stalling it)."""
+    import multiprocessing
+    import time
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload([__name__])
+    ctx = mp.start_processes(target, args=(world, free_port(), payload, str(out_dir)), nprocs=world, join=False,
+                             start_method="forkserver")
+    end = time.monotonic() + deadline_s
+    while not ctx.join(timeout=max(end - time.monotonic(), 0.1)):
+        if time.monotonic() >= end:
+            alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            for p in ctx.processes:
+                p.join(5)
+            raise AssertionError(f"ranks {alive} still running after {deadline_s:.0f} s (a collective hung)")
+    out = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+    errors = [f"rank {r} failed:\n{res['error']}" for r, res in enumerate(out) if "error" in res]
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return out

@@ -81,8 +81,8 @@ def test_dense_model_with_expert_parallel_is_refused(tmp_path):
 def test_delayed_scaling_recipe_is_refused_before_start(tmp_path):
     from megatron_ext.train.preflight import preflight
 
-    # nvfp4 / fp8 current scaling / mxfp8 quantize the experts (tests/test_precision_moe.py); fp8_delayed does not
-    cfg = _cfg(tmp_path / "q", "precision.recipe=fp8_delayed")
-    with pytest.raises(HibariError, match="fp8_delayed is not supported for model.arch mixtral"):
-        preflight(cfg, 1, scan_tokens=False)
+    # every recipe quantizes the experts (tests/test_precision_moe.py); fp8_delayed's histories only without EP
+    cfg = _cfg(tmp_path / "q", "precision.recipe=fp8_delayed", "parallel.ep=2")
+    with pytest.raises(HibariError, match="field parallel.ep: fp8_delayed keeps per-expert amax histories"):
+        preflight(cfg, 2, scan_tokens=False)
     assert not (tmp_path / "q").exists()  # refused before the run directory exists

@@ -179,8 +179,8 @@ def test_bf16_and_forward_only_switch_reach_the_experts():
 
 
 def test_unsupported_expert_recipes_are_one_line_errors():
-    for kw, field in ((dict(recipe="fp8_delayed"), "precision.recipe=fp8_delayed"),
-                      (dict(recipe="fp8_tensorwise", backend="torchao"), "precision.backend=torchao")):
+    for kw, field in ((dict(recipe="fp8_tensorwise", backend="torchao"), "precision.backend=torchao"),
+                      (dict(recipe="fp8_tensorwise", backend="te"), "precision.backend=te")):
         with pytest.raises(HibariError, match=field) as err:
             _model(PrecisionConfig(bf16_first_layers=1, bf16_last_layers=1, **kw))
         assert "\n" not in str(err.value)
@@ -214,13 +214,14 @@ def test_tiny_mixtral_trains_in_nvfp4_and_resumes_bitwise(tmp_path):
     assert [resumed["losses"][s] for s in (4, 5, 6)] == [losses[s] for s in (4, 5, 6)]
 
 
-def test_preflight_checks_expert_sizes_and_refuses_delayed_scaling(tmp_path):
+def test_preflight_checks_expert_sizes_and_refuses_delayed_scaling_with_ep(tmp_path):
     from hibari.errors import ConfigError
     from megatron_ext.train.preflight import preflight
 
-    with pytest.raises(ConfigError, match="field precision.recipe: fp8_delayed is not supported for model.arch "
-                                          "mixtral"):
-        preflight(_cfg(tmp_path / "d", "precision.recipe=fp8_delayed"), 1, scan_tokens=False)
+    preflight(_cfg(tmp_path / "ok", "precision.recipe=fp8_delayed"), 2, scan_tokens=False)  # ep=1: supported
+    with pytest.raises(ConfigError, match="field parallel.ep: fp8_delayed keeps per-expert amax histories") as err:
+        preflight(_cfg(tmp_path / "d", "precision.recipe=fp8_delayed", "parallel.ep=2"), 2, scan_tokens=False)
+    assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"experts layers\.1\.feed_forward\.experts\.w1, which are 32->40"):
         preflight(_cfg(tmp_path / "s", "model.ffn_hidden_dim=40"), 1, scan_tokens=False)
     assert not (tmp_path / "d").exists() and not (tmp_path / "s").exists()
@@ -235,3 +236,142 @@ def test_expert_parallel_nvfp4_experts_equal_one_process(tmp_path):
         diff = res["nvfp4"]
         assert 0.02 < diff.pop("quantized_vs_fp32") < 0.5
         assert diff == {"y": 0.0, "dx": 0.0, "dw1": 0.0, "dw2": 0.0, "dw3": 0.0}, diff
+
+
+# ---------------------------------------------------------------------------------------------- fp8_delayed experts
+STEP_SIZES = ([5, 0, 23, 12], [9, 7, 0, 24], [3, 11, 14, 12])  # expert 1 first used at step 2, expert 2 idle at 2
+ROLE = {"x": 0, "w": 1, "dy": 2}  # recipes.ROLES: x_fwd, w_fwd, dy_dgrad
+
+
+def _delayed_oracle_step(w1, w3, w2, x, dy, sizes, hist, length):
+    """One step of SwiGLU experts under delayed scaling, by hand: per (expert, weight, operand) the scale amax is
+    the max of that operand's last `length` amaxes (its current amax at its first use), then the current amax is
+    recorded; E4M3 x / W, E5M2 dy, per-tensor; wgrad reuses the forward / dgrad quantized operands."""
+    def q(key, t, grad=False):
+        amax = t.abs().max()
+        past = hist.setdefault(key, [])
+        scale = max(past[-length:]) if past and length else amax  # length None: current scaling
+        past.append(amax)
+        return fp8.tensorwise(t, fp8.E5M2 if grad else fp8.E4M3, scale)
+
+    ys, dxs, dws = [], [], {n: torch.zeros_like(w) for n, w in (("w1", w1), ("w3", w3), ("w2", w2))}
+    for e, (xe, dye) in enumerate(zip(torch.split(x, sizes), torch.split(dy, sizes))):
+        if not sizes[e]:
+            continue
+        x1, q1 = q((e, "w1", "x"), xe), q((e, "w1", "w"), w1[e])
+        x3, q3 = q((e, "w3", "x"), xe), q((e, "w3", "w"), w3[e])
+        y1, y3 = x1 @ q1.t(), x3 @ q3.t()
+        h = F.silu(y1) * y3
+        hq, q2 = q((e, "w2", "x"), h), q((e, "w2", "w"), w2[e])
+        ys.append(hq @ q2.t())
+        d2 = q((e, "w2", "dy"), dye, True)
+        dh = d2 @ q2
+        dws["w2"][e] = d2.t() @ hq
+        sig = torch.sigmoid(y1)
+        d1 = q((e, "w1", "dy"), dh * y3 * sig * (1 + y1 * (1 - sig)), True)
+        d3 = q((e, "w3", "dy"), dh * F.silu(y1), True)
+        dws["w1"][e], dws["w3"][e] = d1.t() @ x1, d3.t() @ x3
+        dxs.append(d1 @ q1 + d3 @ q3)
+    return torch.cat(ys), torch.cat(dxs), dws
+
+
+def test_fp8_delayed_experts_match_a_hand_computed_delayed_scaling_oracle():
+    """fp8_delayed on the experts: 3 steps with the activations' range changing each step (x1, x4, x1/4), so the
+    history, not the current amax, sets the scales; per expert, weight and operand its own history, an expert with
+    no tokens leaves its history alone. Forward and all gradients against the hand-computed formula."""
+    length = 2
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 32, 48)
+    experts.init_weights(0.1, 0.05)
+    experts.recipe = ExpertRecipes(PrecisionConfig(recipe="fp8_delayed", amax_history_len=length),
+                                   {w: [100 * i + e for e in range(4)] for i, w in enumerate(("w1", "w3", "w2"))})
+    experts.mode = "quantized"
+    assert experts.amax_history.shape == (4, 3, 6, length) and experts.amax_count.shape == (4, 3, 6)
+    hist, current = {}, {}
+    g = torch.Generator().manual_seed(1)
+    for step, (sizes, gain) in enumerate(zip(STEP_SIZES, (1.0, 4.0, 0.25))):
+        x = torch.randn(sum(sizes), 32, generator=g) * gain
+        dy = torch.randn(sum(sizes), 32, generator=g) * gain
+        xr = x.clone().requires_grad_(True)
+        experts.zero_grad(set_to_none=True)
+        set_step_context(experts, step=step)
+        y = experts(xr, torch.tensor(sizes))
+        y.backward(dy)
+        ws = [experts.w1.detach(), experts.w3.detach(), experts.w2.detach()]
+        want_y, want_dx, want_dw = _delayed_oracle_step(*ws, x, dy, sizes, hist, length)
+        cur_y, _, _ = _delayed_oracle_step(*ws, x, dy, sizes, current, None)  # current scaling
+        got = {"y": y.detach(), "dx": xr.grad, **{n: getattr(experts, n).grad for n in ("w1", "w3", "w2")}}
+        for name, want in {"y": want_y, "dx": want_dx, **want_dw}.items():
+            err = ((got[name] - want).norm() / want.norm()).item()
+            assert err < 1e-4, (step, name, err)
+        if step:  # the history really sets the scale: current scaling gives other numbers
+            assert ((got["y"] - cur_y).norm() / cur_y.norm()).item() > 1e-3
+        for e in range(4):
+            if not sizes[e]:
+                assert all(torch.equal(getattr(experts, n).grad[e], torch.zeros_like(want_dw[n][e]))
+                           for n in ("w1", "w3", "w2"))
+        with torch.no_grad():  # a plain SGD step, so the weights' amaxes move too
+            for p in experts.parameters():
+                p -= 0.5 * p.grad
+    used = torch.tensor([[sum(1 for s in STEP_SIZES if s[e])] * 3 for e in range(4)])
+    assert torch.equal(experts.amax_count[:, :, :3], used[:, :, None].expand(4, 3, 3))
+    assert not experts.amax_count[:, :, 3:].any()  # the wgrad reuses the forward / dgrad operands
+    for (e, w, role), amaxes in hist.items():  # the ring holds the last `length` amaxes in slot order
+        ring = experts.amax_history[e, ("w1", "w3", "w2").index(w), ROLE[role]]
+        want = torch.zeros(length)
+        for i, a in enumerate(amaxes):
+            want[i % length] = a
+        assert torch.allclose(ring, want, rtol=1e-5, atol=0), (e, w, role)  # h, dy_1/3: fp32 op order
+    assert {k for k in experts.state_dict() if "amax" in k} == {"amax_history", "amax_count"}
+
+
+def test_tiny_mixtral_trains_in_fp8_delayed_and_resumes_bitwise(tmp_path):
+    """The experts' amax histories are in the checkpoint and restored: stop at step 2, rerun == uninterrupted."""
+    from megatron_ext.checkpoint import iter_model_tensors
+    from megatron_ext.train.loop import train
+
+    delayed = ["precision.recipe=fp8_delayed", "precision.amax_history_len=2", "train.steps=4"]
+    straight = train(_cfg(tmp_path / "a", *delayed, "checkpoint.interval=0"))
+    losses = straight["losses"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    train(_cfg(tmp_path / "b", *delayed, "train.stop_at=2", "checkpoint.interval=2"))
+    saved = dict(iter_model_tensors(tmp_path / "b" / "checkpoints" / "step_00000002"))
+    hist = saved["layers.1.feed_forward.experts.amax_history"]
+    assert hist.shape == (MOE["n_experts"], 3, 6, 2) and hist[:, :, :3].gt(0).any()
+    assert "layers.0.feed_forward.experts.amax_history" not in saved  # bf16_first_layers=1: no recipe there
+    resumed = train(_cfg(tmp_path / "b", *delayed, "checkpoint.interval=2"))
+    assert resumed["resumed_from"].endswith("step_00000002")
+    assert [resumed["losses"][s] for s in (3, 4)] == [losses[s] for s in (3, 4)]
+
+
+def test_data_parallel_fp8_delayed_experts_hold_one_history_equal_to_one_process(tmp_path):
+    """dp2 (no EP), each rank its own tokens, amaxes MAX-reduced over dp: both ranks hold bitwise the same expert
+    histories, equal to one process running the same experts on all tokens (its amax over all tokens = the max of
+    the ranks'); an expert no rank routed to stays untouched, one with tokens on a single rank advances on both;
+    outputs and (summed) gradients match the one process's."""
+    from mixtral_delayed_worker import launch_dp_delayed_experts
+
+    r0, r1 = launch_dp_delayed_experts(tmp_path)
+    assert r0["history"] == r1["history"] and r0["count"] == r1["count"]  # one copy is the checkpoint
+    assert r0["count"] == r0["single_count"]
+    count = torch.tensor(r0["count"])
+    assert not count[2].any() and count[[0, 1, 3], :, :3].eq(3).all()  # expert 2: never routed to
+    hist, want = torch.tensor(r0["history"]), torch.tensor(r0["single_history"])
+    assert torch.allclose(hist, want, rtol=1e-6, atol=0) and hist[[0, 1, 3], :, :3].gt(0).all()
+    for res in (r0, r1):
+        assert all(err < 1e-5 for err in res["errors"].values()), res["errors"]
+
+
+def test_fp8_delayed_experts_under_activation_checkpointing_equal_no_recompute(tmp_path):
+    """The expert forwards recomputed in backward replay their recorded scales and record nothing: losses and the
+    checkpointed weights and histories equal a run without recompute bit for bit."""
+    from megatron_ext.checkpoint import iter_model_tensors
+    from megatron_ext.train.loop import train
+
+    delayed = ["precision.recipe=fp8_delayed", "precision.amax_history_len=2", "train.steps=3", "checkpoint.interval=3"]
+    plain = train(_cfg(tmp_path / "a", *delayed))
+    recomputed = train(_cfg(tmp_path / "b", *delayed, "parallel.activation_checkpoint=full"))
+    assert recomputed["losses"] == plain["losses"]
+    a, b = (dict(iter_model_tensors(tmp_path / r / "checkpoints" / "step_00000003")) for r in ("a", "b"))
+    assert a.keys() == b.keys() and "layers.1.feed_forward.experts.amax_count" in a
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

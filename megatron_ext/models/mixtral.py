@@ -78,7 +78,9 @@ class GroupedExperts(nn.Module):
 
     A quantized precision recipe (`megatron_ext.precision.apply_precision`) sets `recipe` (one recipe per expert and
     weight) and `mode` ("quantized" | "forward_only" | "bf16"): every expert GEMM then runs as a quantized linear of
-    its own (`megatron_ext/precision/grouped.py`); without a recipe, or in mode "bf16", the grouped GEMMs below."""
+    its own (`megatron_ext/precision/grouped.py`); without a recipe, or in mode "bf16", the grouped GEMMs below.
+    A recipe with persistent state (fp8_delayed) gets it as buffers when set (`amax_history`, `amax_count`: one
+    dense layer's state per expert and weight), so the state_dict and checkpoints hold it."""
 
     grouped_weights = ("w1", "w3", "w2")  # stacked [n_experts, out, in]: what a precision recipe quantizes
 
@@ -89,6 +91,25 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))  # down
         self.recipe = None  # megatron_ext.precision.grouped.ExpertRecipes under a quantized recipe
         self.mode = "bf16"
+
+    @property
+    def recipe(self):
+        return self._recipe
+
+    @recipe.setter
+    def recipe(self, holder) -> None:
+        self._recipe = holder
+        if holder is not None and holder.has_state:  # on the weights' device (meta: `init_buffers` after to_empty)
+            from megatron_ext.precision.grouped import STATE_BUFFERS  # noqa: PLC0415
+
+            for name, t in zip(STATE_BUFFERS, holder.new_state(self.w1.shape[0], self.w1.device)):
+                self.register_buffer(name, t, persistent=True)
+
+    def init_buffers(self) -> None:
+        """Fresh recipe state after `to_empty` (the parallel plan calls it after materializing the model)."""
+        with torch.no_grad():
+            for buf in self.buffers(recurse=False):
+                buf.zero_()
 
     def extra_repr(self) -> str:
         return "" if self.recipe is None else f"recipe={self.recipe.name}, mode={self.mode}"

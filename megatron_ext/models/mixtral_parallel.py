@@ -35,7 +35,7 @@ class MixtralPlan(LlamaPlan):
         if precision_cfg is not None and getattr(precision_cfg, "quantized", False):
             from megatron_ext.precision.grouped import check_experts_supported  # noqa: PLC0415
 
-            check_experts_supported(precision_cfg, "mixtral")  # fp8_delayed, te/torchao: one-line refusal
+            check_experts_supported(precision_cfg, "mixtral")  # te/torchao: one-line refusal
         super().__init__(args, precision_cfg)
         self._sums: dict[str, torch.Tensor] = {}
         self._micro_steps = 0

@@ -96,9 +96,9 @@ def check_quantized_sizes(cfg: TrainConfig, model_args, layout) -> None:
     from megatron_ext.precision import grouped
 
     if model_args.arch == "mixtral":  # expert GEMMs are quantized per expert (precision/grouped.py)
-        if p.recipe in grouped.UNSUPPORTED_RECIPES:
-            raise ConfigError(f"field precision.recipe: {p.recipe} is not supported for model.arch mixtral (per-"
-                              f"expert amax histories); use fp8_tensorwise, fp8_rowwise, mxfp8 or nvfp4")
+        if p.recipe in grouped.EP_UNSUPPORTED_RECIPES and layout.ep > 1:
+            raise ConfigError(f"field parallel.ep: {p.recipe} keeps per-expert amax histories that are not sharded "
+                              f"with the experts; use parallel.ep=1 with precision.recipe {p.recipe}")
         if p.backend in grouped.UNSUPPORTED_BACKENDS:
             raise ConfigError(f"field precision.backend: {p.backend} swaps nn.Linear modules only, not the grouped "
                               f"expert GEMMs of model.arch mixtral; use auto, emulated or scaled_mm")
