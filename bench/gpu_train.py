@@ -60,17 +60,37 @@ def _optimizer(params, device):
 
 
 def engine_loop(args, device, compile_blocks: bool, dense_mask: bool):
-    """(step function, parameters) for hibari's engine on one device."""
-    from megatron_ext.models import attention as attn
+    """Step function of hibari's engine (bf16) on one device."""
+    return engine_step(make_engine(args, device, compile_blocks), device, dense_mask)
+
+
+def make_engine(args, device, compile_blocks: bool = False, precision=None, **parallel):
+    """hibari's engine on one device, built as `hibari train` builds it (`build_engine`: a quantized `precision`
+    recipe goes through `LlamaPlan.apply_precision`, same-input linears fused); default recipe bf16. `parallel`:
+    more ParallelConfig fields (e.g. activation_checkpoint)."""
     from megatron_ext.models.llama_parallel import build_engine
     from megatron_ext.precision.config import PrecisionConfig
     from parallel import DistInfo, ParallelConfig
 
-    engine = build_engine(args, ParallelConfig(compile=compile_blocks), PrecisionConfig(recipe="bf16"),
-                          DistInfo(0, 1, 0, device, None), seed=0)
+    return build_engine(args, ParallelConfig(compile=compile_blocks, **parallel),
+                        precision or PrecisionConfig(recipe="bf16"), DistInfo(0, 1, 0, device, None), seed=0)
+
+
+def engine_step(engine, device, dense_mask: bool = False, rounding_context: bool = False):
+    """One optimizer step of `engine` (+ its AdamW): forward_backward_step, clip_grad_norm_, opt.step. With
+    `rounding_context` the stochastic-rounding context is set before each micro-batch, as the trainer does."""
+    from megatron_ext.models import attention as attn
+
     opt = _optimizer(list(engine.parameters()), device)
     engine.set_train(True)
     docs_cache = {}
+    n_step = [0]
+
+    def before_micro_batch(micro):
+        from megatron_ext.precision import set_step_context
+
+        for part in engine.model_parts:
+            set_step_context(part, step=n_step[0], micro_batch=micro, dp_rank=engine.dp_rank)
 
     def step(micro_batches):
         if dense_mask:  # the old path: all-zero document ids and no FlexAttention -> a dense [b, 1, S, S] mask
@@ -82,13 +102,15 @@ def engine_loop(args, device, compile_blocks: bool, dense_mask: bool):
                 docs = docs_cache.setdefault(tokens.shape, torch.zeros(tokens.shape, dtype=torch.int32))
             batches.append((tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True), docs))
         opt.zero_grad(set_to_none=True)
-        loss = engine.forward_backward_step(batches)
+        loss = engine.forward_backward_step(batches, before_micro_batch if rounding_context else None)
         engine.clip_grad_norm_(1.0)
         opt.step()
+        n_step[0] += 1
         if dense_mask:
             attn.FLEX_DEVICE_TYPES.add("cuda")
         return loss
 
+    step.optimizer = opt
     return step
 
 
