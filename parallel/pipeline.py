@@ -45,35 +45,14 @@ def build_schedule(parts: list[nn.Module], stage_ids: list[int], n_stages: int, 
 
     scale_grads=False: `loss_fn` divides by the number of micro-batches itself.
     """
-    from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
+    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
                                               ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 
-    stage_class = _stage_class()
-    stages = [stage_class(part, stage, n_stages, device, group=pp_group) for part, stage in zip(parts, stage_ids)]
+    stages = [PipelineStage(part, stage, n_stages, device, group=pp_group) for part, stage in zip(parts, stage_ids)]
     kinds = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
              "interleaved_zb": ScheduleInterleavedZeroBubble, "zbv": ScheduleZBVZeroBubble}
     arg = stages[0] if schedule in ("gpipe", "1f1b") else stages
     return stages, kinds[schedule](arg, n_microbatches, loss_fn=loss_fn, scale_grads=False)
-
-
-def _stage_class():
-    """PipelineStage whose shape-inference pass (the first schedule step runs every stage forward and backward on
-    tensors made from the received metadata, results discarded) gets normal(0, 1) values of a fixed seed instead of
-    uninitialised memory: garbage or constant hidden states route every token to the same experts, and under expert
-    parallelism a rank that receives no token leaves the all-to-all's backward (the other ranks then wait)."""
-    from torch.distributed.pipelining import PipelineStage
-
-    class Stage(PipelineStage):
-        def _to_tensor(self, arg):
-            t = super()._to_tensor(arg)
-            if not isinstance(arg, torch.Tensor) and t.is_floating_point():
-                with torch.no_grad():
-                    local = t.to_local() if hasattr(t, "to_local") else t
-                    values = torch.randn(local.shape, generator=torch.Generator().manual_seed(0))
-                    local.copy_(values.to(local.dtype))
-            return t
-
-    return Stage
 
 
 def forward_only(parts: dict[int, nn.Module], pp_rank: int, pp: int, n_stages: int, schedule: str, pp_group,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mixtral_ep_worker import SEED, _rank_env, launch_with_deadline, mixtral_args
+from mixtral_ep_worker import SEED, _rank_env, spawn_ranks, mixtral_args
 
 # group sizes per step and rank: expert 2 gets no token anywhere (its history must not move); experts 1 and 3 get
 # tokens on one rank only (the other must record the same amaxes); the ranks' activation ranges differ per step
@@ -81,4 +81,4 @@ def run_dp_delayed_experts(rank: int, world: int, port: int, length: int, out_di
 
 
 def launch_dp_delayed_experts(out_dir, length: int = 2) -> list[dict]:
-    return launch_with_deadline(run_dp_delayed_experts, 2, length, out_dir, deadline_s=120)
+    return spawn_ranks(run_dp_delayed_experts, 2, length, out_dir, deadline_s=120)

@@ -71,21 +71,35 @@ def _rank_env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _spawn(target, world: int, payload, out_dir) -> list[dict]:
+def spawn_ranks(target, world: int, payload, out_dir, deadline_s: float | None = None) -> list[dict]:
     """Run target(rank, world, port, payload, out_dir) on `world` ranks; each writes rank{r}.json (an "error" key
-    holds a rank's traceback). Returns the per-rank results, or raises with every failed rank's traceback."""
+    holds a rank's traceback). Returns the per-rank results, or raises with every failed rank's traceback. With
+    `deadline_s`, ranks still running then are terminated and the launch raises: a hung collective fails the test
+    instead of stalling the suite."""
     import multiprocessing
+    import time
 
     import torch.multiprocessing as mp
 
     multiprocessing.set_forkserver_preload([__name__])
-    mp.start_processes(target, args=(world, free_port(), payload, str(out_dir)), nprocs=world, join=True,
-                       start_method="forkserver")
+    ctx = mp.start_processes(target, args=(world, free_port(), payload, str(out_dir)), nprocs=world, join=False,
+                             start_method="forkserver")
+    end = None if deadline_s is None else time.monotonic() + deadline_s
+    while not ctx.join(timeout=None if end is None else max(end - time.monotonic(), 0.1)):
+        if end is not None and time.monotonic() >= end:
+            alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            for p in ctx.processes:
+                p.join(5)
+            raise AssertionError(f"ranks {alive} still running after {deadline_s:.0f} s (a collective hung)")
     out = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
     errors = [f"rank {r} failed:\n{res['error']}" for r, res in enumerate(out) if "error" in res]
     if errors:
         raise AssertionError("\n".join(errors))
     return out
+
 
 def run_layouts(rank: int, world: int, port: int, layouts: list[dict], out_dir: str) -> None:
     _rank_env(rank, world, port)
@@ -127,7 +141,7 @@ def run_layouts(rank: int, world: int, port: int, layouts: list[dict], out_dir: 
 
 
 def launch(world: int, layouts: list[dict], out_dir) -> list[dict]:
-    return _spawn(run_layouts, world, layouts, out_dir)
+    return spawn_ranks(run_layouts, world, layouts, out_dir)
 
 
 # ------------------------------------------------------------------ pipeline parallel (tests/test_mixtral_pp.py)
@@ -174,7 +188,7 @@ def run_pipeline_layouts(rank: int, world: int, port: int, layouts: list[dict], 
 
 
 def launch_pipeline(world: int, layouts: list[dict], out_dir) -> list[dict]:
-    return _spawn(run_pipeline_layouts, world, layouts, out_dir)
+    return spawn_ranks(run_pipeline_layouts, world, layouts, out_dir)
 
 
 # ------------------------------------------------------------------ quantized experts (tests/test_precision_moe.py)
@@ -249,7 +263,7 @@ def run_quantized_experts(rank: int, world: int, port: int, recipe: str, out_dir
 
 
 def launch_quantized_experts(world: int, recipe: str, out_dir) -> list[dict]:
-    return _spawn(run_quantized_experts, world, recipe, out_dir)
+    return spawn_ranks(run_quantized_experts, world, recipe, out_dir)
 
 
 # ------------------------------------------------------------ collapsed routing (tests/test_mixtral_ep_empty.py)
@@ -291,31 +305,3 @@ def run_collapsed_routing(rank: int, world: int, port: int, layouts: list[dict],
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         destroy()
-
-
-def launch_with_deadline(target, world: int, payload, out_dir, deadline_s: float) -> list[dict]:
-    """`_spawn` that cannot block the suite: ranks still running after deadline_s are terminated and the launch
-    raises (a hang fails the test instead of stalling it)."""
-    import multiprocessing
-    import time
-
-    import torch.multiprocessing as mp
-
-    multiprocessing.set_forkserver_preload([__name__])
-    ctx = mp.start_processes(target, args=(world, free_port(), payload, str(out_dir)), nprocs=world, join=False,
-                             start_method="forkserver")
-    end = time.monotonic() + deadline_s
-    while not ctx.join(timeout=max(end - time.monotonic(), 0.1)):
-        if time.monotonic() >= end:
-            alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            for p in ctx.processes:
-                p.join(5)
-            raise AssertionError(f"ranks {alive} still running after {deadline_s:.0f} s (a collective hung)")
-    out = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
-    errors = [f"rank {r} failed:\n{res['error']}" for r, res in enumerate(out) if "error" in res]
-    if errors:
-        raise AssertionError("\n".join(errors))
-    return out

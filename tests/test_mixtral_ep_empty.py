@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral_ep_worker import (LR, MAX_NORM, SEED, launch_with_deadline, make_data, micro_batches, mixtral_args,
+from mixtral_ep_worker import (LR, MAX_NORM, SEED, spawn_ranks, make_data, micro_batches, mixtral_args,
                                run_collapsed_routing, zero_routers)
 from test_mixtral_parallel import continue_run
 
@@ -64,7 +64,7 @@ def engine_reference(precision: dict) -> list[dict]:
 
 def _ep2_records(tmp_path, precision: dict) -> list[dict]:
     layout = {"name": "ep2", "parallel": {"dp_shard": 2, "ep": 2}, "steps": STEPS, "precision": precision}
-    per_rank = launch_with_deadline(run_collapsed_routing, 2, [layout], tmp_path, DEADLINE_S)
+    per_rank = spawn_ranks(run_collapsed_routing, 2, [layout], tmp_path, deadline_s=DEADLINE_S)
     got = [r["ep2"]["records"] for r in per_rank]
     assert got[0] == got[1]  # logged values agree on both ranks
     assert len(got[0]) == STEPS

@@ -35,6 +35,8 @@ def compute_dtype(precision_cfg) -> torch.dtype:
 class LlamaPlan:
     """`parallel.plan.ModelPlan` for `megatron_ext.models.llama.Transformer`."""
 
+    model_class = Transformer  # a subclass plan (Mixtral) builds its own model through the same stage split
+
     def __init__(self, args: ModelArgs, precision_cfg=None):
         self.args = args
         self.precision_cfg = precision_cfg
@@ -45,11 +47,11 @@ class LlamaPlan:
     def full_state_dict(self, seed: int) -> dict[str, torch.Tensor]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return Transformer(self.args).state_dict()
+            return self.model_class(self.args).state_dict()
 
     def build_stage(self, layer_ids: list[int], first: bool, last: bool) -> Transformer:
         with torch.device("meta"):
-            model = Transformer(self.args)
+            model = self.model_class(self.args)
         if self.precision_cfg is not None and getattr(self.precision_cfg, "quantized", False):
             self.apply_precision(model)
         keep = {str(i) for i in layer_ids}

@@ -29,6 +29,8 @@ from parallel.dist import DistInfo
 class MixtralPlan(LlamaPlan):
     """`parallel.plan.ModelPlan` for `megatron_ext.models.mixtral.MixtralTransformer`."""
 
+    model_class = MixtralTransformer
+
     def __init__(self, args: ModelArgs, precision_cfg=None):
         if args.arch != "mixtral":
             raise HibariError(f"MixtralPlan: model.arch is {args.arch!r}, expected mixtral")
@@ -40,27 +42,10 @@ class MixtralPlan(LlamaPlan):
         self._sums: dict[str, torch.Tensor] = {}
         self._micro_steps = 0
 
-    def full_state_dict(self, seed: int) -> dict[str, torch.Tensor]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return MixtralTransformer(self.args).state_dict()
-
     def build_stage(self, layer_ids: list[int], first: bool, last: bool) -> MixtralTransformer:
-        with torch.device("meta"):
-            model = MixtralTransformer(self.args)
-        if self.precision_cfg is not None and getattr(self.precision_cfg, "quantized", False):
-            from megatron_ext.precision import apply_precision  # noqa: PLC0415
-
-            apply_precision(model, self.precision_cfg)  # block linears and expert GEMMs; router, head stay high
-        keep = {str(i) for i in layer_ids}
-        for key in [key for key in model.layers if key not in keep]:
-            del model.layers[key]
-        if not first:
-            model.tok_embeddings = None
-        if not last:
-            model.norm = model.output = None
-        model.pipeline_carry = not (first and last)  # a stage maps (inputs, carry) -> (outputs, carry)
-        return model
+        stage = super().build_stage(layer_ids, first, last)  # the recipe reaches block linears and expert GEMMs
+        stage.pipeline_carry = not (first and last)  # a stage maps (inputs, carry) -> (outputs, carry)
+        return stage
 
     def apply_tensor_parallel(self, stage, tp_mesh, sequence_parallel: bool, loss_parallel: bool) -> None:
         """Attention, embedding and head as for Llama; each MoE replicated over the tp ranks (every rank routes and

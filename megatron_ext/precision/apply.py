@@ -45,7 +45,7 @@ def _layer_seed(cfg: PrecisionConfig, qualified_name: str) -> int:
 
 
 def _check_dims(name: str, lin: nn.Linear, cfg: PrecisionConfig) -> None:
-    multiple = 32 if cfg.recipe == "mxfp8" else 16
+    multiple = cfg.size_multiple
     if lin.in_features % multiple or lin.out_features % multiple:
         raise HibariError(f"precision.recipe={cfg.recipe}: linear {name} is {lin.in_features}->{lin.out_features}; "
                           f"both sizes must be multiples of {multiple}")
@@ -64,7 +64,8 @@ def apply_precision(model: nn.Module, cfg: PrecisionConfig, linear_groups: tuple
     if not cfg.quantized:
         return model
     targets, experts = [], []
-    for block_name in quantized_block_names(model, cfg):
+    block_names = quantized_block_names(model, cfg)
+    for block_name in block_names:
         block = model.get_submodule(block_name)
         routers = moe_high_precision_linears(block)
         for sub_name, mod in block.named_modules():
@@ -86,7 +87,7 @@ def apply_precision(model: nn.Module, cfg: PrecisionConfig, linear_groups: tuple
     for qualified, mod in targets:
         recipe = RECIPES[cfg.recipe](cfg, _layer_seed(cfg, qualified))
         _set_child(model, qualified, QuantizedLinear.from_linear(mod, recipe))
-    fuse_linear_groups(model, quantized_block_names(model, cfg), linear_groups)  # same-input linears: fusion.py
+    fuse_linear_groups(model, block_names, linear_groups)  # same-input linears: fusion.py
     return model
 
 
@@ -94,7 +95,7 @@ def _apply_experts(experts: list[tuple[str, nn.Module]], cfg: PrecisionConfig) -
     """Each grouped-experts module gets one recipe per (weight, global expert), seeded by `<name>.<w>.<e>`."""
     for qualified, mod in experts:
         check_experts_supported(cfg, qualified)
-        multiple = 32 if cfg.recipe == "mxfp8" else 16
+        multiple = cfg.size_multiple
         for w, fan_in, fan_out in expert_sizes(mod):
             if fan_in % multiple or fan_out % multiple:
                 raise HibariError(f"precision.recipe={cfg.recipe}: experts {qualified}.{w} are {fan_in}->{fan_out}; "

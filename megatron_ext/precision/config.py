@@ -57,3 +57,8 @@ class PrecisionConfig(StrictModel):
     @property
     def quantized(self) -> bool:
         return self.recipe in QUANTIZED_RECIPES
+
+    @property
+    def size_multiple(self) -> int:
+        """Both sizes of every quantized GEMM weight must be multiples of this: the recipe's block (mxfp8: 32)."""
+        return 32 if self.recipe == "mxfp8" else 16

@@ -109,7 +109,7 @@ def noise_counts(h: torch.Tensor) -> torch.Tensor:
 
 def uniforms_from_hashes(h: torch.Tensor) -> torch.Tensor:
     """Mix pre-mix counters (in place) and map the low 24 bits to float32 uniforms in [0, 1)."""
-    return (_mix64_(h, last_mask=False) & 0xFFFFFF).to(torch.float32).mul_(2.0 ** -24)
+    return noise_counts(h).to(torch.float32).mul_(2.0 ** -24)
 
 
 def counter_uniforms(key: int, rows: int, cols: int, row0: int = 0, col0: int = 0,

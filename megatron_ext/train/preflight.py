@@ -110,7 +110,7 @@ def check_quantized_sizes(cfg: TrainConfig, model_args, layout) -> None:
 
     with torch.device("meta"):
         model = build_model(model_args)
-    multiple = 32 if p.recipe == "mxfp8" else 16
+    multiple = p.size_multiple
     for block in quantized_block_names(model, p):
         routers = grouped.moe_high_precision_linears(model.get_submodule(block))  # MoE router: not quantized
         for sub, mod in model.get_submodule(block).named_modules():
